@@ -1,0 +1,39 @@
+# returnt-zoo: every target installs what it needs first (idempotent, quick when done).
+# The environment lives in .venv (override with VENV=...); PYTHON picks the interpreter that creates it.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+BACKBONE ?= resnet
+ARGS ?=
+OUT ?= artifacts
+PYTEST_ARGS ?=
+
+.PHONY: install test export export-all bench clean help
+
+help:  ## list the targets
+	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*##/\t/'
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[test,bench]'
+	@touch $(STAMP)
+
+install: $(STAMP)  ## create .venv and install the package with test extras
+
+test: $(STAMP)  ## run the whole test suite
+	$(PY) -m pytest -n 2 $(PYTEST_ARGS)
+
+export: $(STAMP)  ## export one backbone: make export BACKBONE=resnet [ARGS="--depth 34"]
+	$(PY) -m export $(BACKBONE) --out $(OUT) $(ARGS)
+
+export-all: $(STAMP)  ## export every registered backbone
+	$(PY) -m export --all --out $(OUT) $(ARGS)
+
+bench: $(STAMP)  ## benchmark eager vs TorchScript vs onnxruntime
+	$(PY) -m export bench $(ARGS)
+
+clean:  ## remove artifacts and caches (keeps .venv)
+	rm -rf $(OUT) .pytest_cache build *.egg-info
+	find . -name __pycache__ -type d -prune -not -path './$(VENV)/*' -exec rm -rf {} +

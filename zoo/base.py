@@ -1,0 +1,153 @@
+"""`MammothBackbone`: the returnt contract (SPEC §1) and flat parameter vectors.
+
+A backbone implements three fixed-type pieces, each scriptable on its own:
+`forward_stages(x) -> List[Tensor]`, `forward_pool(last_stage) -> features` and
+`forward_head(features) -> logits`. The string-driven `forward(x, returnt)` and the fixed-mode
+export heads (`zoo.heads`) are both built from those three, so they cannot disagree.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import List, Tuple, Union
+
+import torch
+from torch import Tensor, nn
+
+RETURNT_MODES: Tuple[str, ...] = ("out", "features", "both", "full")
+
+ReturntOutput = Union[Tensor, Tuple[Tensor, Tensor], List[Tensor]]
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One entry of a backbone's `'full'` output, declared once as data."""
+
+    name: str
+    channels: int
+
+
+def check_returnt(returnt: str) -> str:
+    if returnt not in RETURNT_MODES:
+        raise ValueError(f"unknown returnt {returnt!r}; allowed: {', '.join(RETURNT_MODES)}")
+    return returnt
+
+
+class MammothBackbone(nn.Module):
+    """Base class of every zoo backbone.
+
+    Subclasses set `self.input_shape` (C, H, W without batch), `self.stages` (a tuple of
+    `Stage`) and `self.feature_dim` in `__init__`, and implement the three forward pieces.
+    """
+
+    input_shape: Tuple[int, ...]
+    stages: Tuple[Stage, ...]
+    feature_dim: int
+    # Python-only metadata: TorchScript must not try to compile these attributes.
+    __jit_ignored_attributes__ = ["stages", "input_shape"]
+
+    def forward_stages(self, x: Tensor) -> List[Tensor]:
+        raise NotImplementedError
+
+    def forward_pool(self, last: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def forward_head(self, features: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def forward_full(self, x: Tensor) -> List[Tensor]:
+        """`[stage_0 .. stage_k, features, logits]`."""
+        outs = self.forward_stages(x)
+        features = self.forward_pool(outs[-1])
+        outs.append(features)
+        outs.append(self.forward_head(features))
+        return outs
+
+    def forward(self, x: Tensor, returnt: str = "out") -> ReturntOutput:
+        """Mammoth's call: `'out'` logits, `'features'`, `'both'` (logits, features), `'full'`.
+
+        Scriptable (Union return), but exported graphs use one fixed head per mode instead.
+        """
+        if returnt not in ["out", "features", "both", "full"]:
+            raise ValueError(
+                "unknown returnt '" + returnt + "'; allowed: out, features, both, full"
+            )
+        if returnt == "full":
+            return self.forward_full(x)
+        features = self.forward_pool(self.forward_stages(x)[-1])
+        if returnt == "features":
+            return features
+        logits = self.forward_head(features)
+        return (logits, features) if returnt == "both" else logits
+
+    def features(self, x: Tensor) -> Tensor:
+        """The vector right before the classifier."""
+        return self.forward(x, returnt="features")
+
+    def output_names(self) -> List[str]:
+        """Names of the `'full'` outputs, in order (also the ONNX output names)."""
+        return [f"stage_{i}" for i in range(len(self.stages))] + ["features", "logits"]
+
+    # ------------------------------------------------------------------ flat parameters
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def get_params(self) -> Tensor:
+        """All parameters concatenated in `parameters()` order (a detached copy)."""
+        return torch.cat([p.detach().reshape(-1) for p in self.parameters()])
+
+    def set_params(self, new_params: Tensor) -> None:
+        """Copy a flat vector into the parameters; validated first so nothing is half-applied."""
+        self._check_flat(new_params, "set_params")
+        with torch.no_grad():
+            offset = 0
+            for p in self.parameters():
+                n = p.numel()
+                p.copy_(new_params[offset : offset + n].view_as(p))
+                offset += n
+
+    def get_grads(self) -> Tensor:
+        """All gradients concatenated in `parameters()` order (zeros for parameters unused by
+        the last backward, e.g. resnet32's `bn_final`)."""
+        return torch.cat([g.reshape(-1) for g in self.get_grads_list()])
+
+    def get_grads_list(self) -> List[Tensor]:
+        params = list(self.parameters())
+        if all(p.grad is None for p in params):
+            raise RuntimeError(
+                "get_grads: no parameter has a gradient yet; call loss.backward() first"
+            )
+        return [torch.zeros_like(p) if p.grad is None else p.grad.detach() for p in params]
+
+    def set_grads(self, new_grads: Tensor) -> None:
+        """Write a flat vector into `.grad` of every parameter (creating it where missing)."""
+        self._check_flat(new_grads, "set_grads")
+        offset = 0
+        for p in self.parameters():
+            n = p.numel()
+            chunk = new_grads[offset : offset + n].view_as(p).detach().clone()
+            if p.grad is None:
+                p.grad = chunk
+            else:
+                p.grad.copy_(chunk)
+            offset += n
+
+    def _check_flat(self, vector: object, what: str) -> None:
+        expected = self.num_params()
+        check_flat_vector(vector, expected, next(self.parameters()).dtype, what)
+
+
+def check_flat_vector(vector: object, expected: int, dtype: torch.dtype, what: str) -> None:
+    """One-line ValueError unless `vector` is a 1-D tensor of `expected` elements and `dtype`."""
+    if not isinstance(vector, Tensor):
+        raise ValueError(
+            f"{what}: expected a 1-D torch.Tensor of {expected} elements, got {type(vector).__name__}"
+        )
+    if vector.dim() != 1:
+        raise ValueError(
+            f"{what}: expected a 1-D vector of {expected} elements, got shape {tuple(vector.shape)}"
+        )
+    if vector.numel() != expected:
+        raise ValueError(f"{what}: expected {expected} elements, got {vector.numel()}")
+    if vector.dtype != dtype:
+        raise ValueError(f"{what}: expected dtype {dtype}, got {vector.dtype}")

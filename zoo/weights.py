@@ -1,0 +1,130 @@
+"""Loading weights files safely and strictly.
+
+Everything goes through `torch.load(weights_only=True)` (or safetensors): a pickle that needs
+arbitrary code is refused unless the caller opts in. Strict loads report every missing,
+unexpected and mis-shaped key in one line instead of PyTorch's multi-line traceback.
+"""
+
+from __future__ import annotations
+
+import pickle
+import warnings
+from pathlib import Path
+from typing import Any, Callable, Dict, Iterable, Mapping, Optional
+
+import torch
+from torch import Tensor, nn
+
+__all__ = [
+    "CheckpointError",
+    "UnsafeCheckpointError",
+    "load_file",
+    "load_state_dict_strict",
+    "load_torchvision_weights",
+    "warn_random_weights",
+]
+
+
+class CheckpointError(ValueError):
+    """A weights file that cannot be used for the requested backbone."""
+
+
+class UnsafeCheckpointError(CheckpointError):
+    """A pickle that needs more than tensors and plain containers to load."""
+
+
+def load_file(path: str | Path, allow_unsafe_pickle: bool = False) -> Any:
+    """Load a `.pt`/`.pth` (weights-only pickle) or `.safetensors` file on the CPU."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"weights file {str(path)!r} does not exist")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file as load_safetensors
+
+        try:
+            return load_safetensors(str(path), device="cpu")
+        except Exception as exc:
+            raise CheckpointError(f"{path}: not a readable safetensors file ({exc})") from None
+    try:
+        return torch.load(path, map_location="cpu", weights_only=not allow_unsafe_pickle)
+    except pickle.UnpicklingError as exc:
+        if allow_unsafe_pickle:
+            raise CheckpointError(f"{path}: cannot be unpickled ({exc})") from None
+        detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise UnsafeCheckpointError(
+            f"{path}: refused, it is not a weights-only pickle (loading it would run code "
+            f"from the file: {detail[:160]}); if you trust its source, pass "
+            f"--allow-unsafe-pickle (allow_unsafe_pickle=True)"
+        ) from None
+    except (RuntimeError, EOFError, OSError) as exc:
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise CheckpointError(f"{path}: not a readable PyTorch file ({first[:200]})") from None
+
+
+def _summarise(keys: Iterable[str], limit: int = 8) -> str:
+    keys = list(keys)
+    shown = ", ".join(keys[:limit])
+    return shown + (f", ... (+{len(keys) - limit} more)" if len(keys) > limit else "")
+
+
+def state_dict_mismatch(net: nn.Module, state_dict: Mapping[str, Any]) -> str:
+    """'' when `state_dict` fits `net` exactly, else one line naming every problem."""
+    expected = net.state_dict()
+    missing = [k for k in expected if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in expected]
+    misshaped = [
+        f"{k} {tuple(state_dict[k].shape)} != {tuple(v.shape)}"
+        for k, v in expected.items()
+        if k in state_dict
+        and isinstance(state_dict[k], Tensor)
+        and tuple(state_dict[k].shape) != tuple(v.shape)
+    ]
+    parts = []
+    if missing:
+        parts.append(f"missing keys ({len(missing)}): {_summarise(missing)}")
+    if unexpected:
+        parts.append(f"unexpected keys ({len(unexpected)}): {_summarise(unexpected)}")
+    if misshaped:
+        parts.append(f"mis-shaped keys ({len(misshaped)}): {_summarise(misshaped, 4)}")
+    return "; ".join(parts)
+
+
+def load_state_dict_strict(net: nn.Module, state_dict: Mapping[str, Any], what: str = "") -> None:
+    """`load_state_dict(strict=True)` with a one-line error that lists the bad keys."""
+    problem = state_dict_mismatch(net, state_dict)
+    if problem:
+        name = getattr(net, "registry_name", type(net).__name__)
+        raise CheckpointError(f"{what or 'state_dict'} does not fit backbone {name!r}: {problem}")
+    net.load_state_dict(state_dict, strict=True)
+
+
+def load_torchvision_weights(
+    net: nn.Module,
+    path: str | Path,
+    rename: Optional[Callable[[str], Optional[str]]] = None,
+) -> None:
+    """Load a torchvision ImageNet weights file as Mammoth does: `fc` dropped, keys renamed
+    by `rename` (None drops a key); everything but the classifier must match."""
+    raw = load_file(path)
+    if not isinstance(raw, Mapping):
+        raise CheckpointError(f"{path}: expected a state_dict, found {type(raw).__name__}")
+    state: Dict[str, Any] = {}
+    for key, value in raw.items():
+        new = rename(key) if rename else (None if key.startswith("fc.") else key)
+        if new is not None:
+            state[new] = value
+    current = net.state_dict()
+    for key, value in current.items():  # the classifier is new: keep the random one
+        if key.startswith("classifier") or key.startswith("head."):
+            state.setdefault(key, value)
+    load_state_dict_strict(net, state, what=f"weights file {str(path)!r}")
+
+
+def warn_random_weights(name: str, source: str) -> None:
+    """The one-line warning of a pretrained variant built without a local weights file."""
+    warnings.warn(
+        f"{name}: no local weights file given, using random weights; download {source} "
+        f"yourself and pass weights=PATH (CLI: --weights PATH)",
+        UserWarning,
+        stacklevel=3,
+    )
