@@ -6,7 +6,6 @@ A backbone implements three fixed-type pieces, each scriptable on its own:
 export heads (`zoo.heads`) are both built from those three, so they cannot disagree.
 """
 
-from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import List, Tuple, Union
@@ -44,7 +43,7 @@ class MammothBackbone(nn.Module):
     stages: Tuple[Stage, ...]
     feature_dim: int
     # Python-only metadata: TorchScript must not try to compile these attributes.
-    __jit_ignored_attributes__ = ["stages", "input_shape"]
+    __jit_ignored_attributes__ = ["stages", "input_shape", "registry_name", "registry_kwargs"]
 
     def forward_stages(self, x: Tensor) -> List[Tensor]:
         raise NotImplementedError
@@ -78,7 +77,9 @@ class MammothBackbone(nn.Module):
         if returnt == "features":
             return features
         logits = self.forward_head(features)
-        return (logits, features) if returnt == "both" else logits
+        if returnt == "both":
+            return logits, features
+        return logits
 
     def features(self, x: Tensor) -> Tensor:
         """The vector right before the classifier."""

@@ -216,7 +216,13 @@ class Registry:
 
     def build(self, name: str, **kwargs: Any) -> Any:
         entry = self.entry(name)
-        return entry.builder(**entry.resolve_kwargs(kwargs))
+        resolved = entry.resolve_kwargs(kwargs)
+        net = entry.builder(**resolved)
+        # Remember how it was built: error messages and export manifests name it.
+        if hasattr(net, "__dict__"):
+            net.registry_name = entry.name
+            net.registry_kwargs = dict(resolved)
+        return net
 
     def names(
         self, include: Optional[Iterable[str] | str] = None, exclude: Optional[Iterable[str] | str] = None

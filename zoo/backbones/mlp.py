@@ -5,7 +5,6 @@ Mammoth registers every Linear under two or three names (`fc1` = `_features.0` =
 6 parameters. We keep the aliases so Mammoth checkpoints load with strict=True.
 """
 
-from __future__ import annotations
 
 from typing import List
 

@@ -4,7 +4,6 @@ Same module names, registration order and therefore state_dict keys and `paramet
 as Mammoth. Blocks -> the model class -> public builders, top to bottom.
 """
 
-from __future__ import annotations
 
 from typing import List, Optional, Sequence, Tuple, Type, Union
 
@@ -184,7 +183,7 @@ def _torchvision_basic_rename(key: str) -> Optional[str]:
     return key.replace("downsample", "shortcut")
 
 
-def _with_weights(net: ResNet, name: str, weights: str, pretrained: bool, source: str, rename) -> ResNet:
+def _with_weights(net: "ResNet", name: str, weights: str, pretrained: bool, source: str, rename) -> "ResNet":
     if weights:
         load_torchvision_weights(net, weights, rename)
     elif pretrained:

@@ -5,7 +5,6 @@ last block, a fixed 8x8 average pool (32x32 inputs only) and a `bn_final` that f
 uses but that is in the state_dict and in `get_params()`.
 """
 
-from __future__ import annotations
 
 import math
 from typing import List, Optional

@@ -1,0 +1,57 @@
+"""Small test configurations per backbone, and the one table of known exceptions.
+
+A newly registered backbone is tested at once with its default arguments; add a row here only
+to make it smaller/faster or to mark it slow.
+"""
+
+from dataclasses import dataclass, field
+from typing import Any, Dict, Optional, Tuple
+
+
+@dataclass(frozen=True)
+class Case:
+    kwargs: Dict[str, Any] = field(default_factory=dict)
+    input_shape: Optional[Tuple[int, ...]] = None  # None: the backbone's default input
+    slow: bool = False
+
+
+CASES: Dict[str, Case] = {
+    "resnet18": Case({"num_filters": 8}),
+    "resnet34": Case({"num_filters": 8}),
+    "preact-resnet18": Case({"num_filters": 8}),
+    "reduced-resnet18": Case(),
+    "resnet18-spr": Case(),
+    "resnet18-7x7-pt": Case(input_shape=(3, 64, 64)),
+    "resnet32": Case(),
+    "resnet50": Case(input_shape=(3, 64, 64), slow=True),
+    "resnet50-pt": Case(input_shape=(3, 64, 64), slow=True),
+    "mnistmlp": Case({"mlp_hidden_size": 32}),
+    "resnet": Case({"depth": 18}),
+}
+
+
+def case_for(name: str) -> Case:
+    return CASES.get(name, Case())
+
+
+@dataclass(frozen=True)
+class KnownException:
+    """Something of SPEC §3/§4 the zoo does not provide (yet), and why."""
+
+    backbone: str
+    reason: str
+    mode: str = "*"
+    format: str = "*"
+
+
+KNOWN_EXCEPTIONS = [
+    KnownException("efficientnet", "not implemented yet: issue 7 (larger families)"),
+    KnownException("vit", "not implemented yet: issue 7 (larger families)"),
+]
+
+#: every backbone name SPEC §3 promises
+SPEC_BACKBONES = (
+    "resnet18", "resnet34", "preact-resnet18", "reduced-resnet18", "resnet18-spr",
+    "resnet18-7x7-pt", "resnet32", "resnet50", "resnet50-pt", "mnistmlp", "efficientnet",
+    "vit", "resnet",
+)

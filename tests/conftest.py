@@ -1,0 +1,56 @@
+"""Shared test fixtures: the small configuration of every backbone, and the reference data."""
+
+import warnings
+from pathlib import Path
+from typing import Any, Dict, Tuple
+
+import pytest
+import torch
+
+from tests.cases import case_for
+from zoo import get_backbone, list_backbones
+
+REPO = Path(__file__).resolve().parents[1]
+VECTORS = REPO.parent / "shared" / "vectors"
+
+
+def build_small(name: str) -> Tuple[Any, Tuple[int, ...]]:
+    """The backbone at its small test arguments, in eval(), and the test input shape."""
+    case = case_for(name)
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # pretrained variants without weights
+        net = get_backbone(name, **case.kwargs)
+    randomise_bn(net)
+    return net.eval(), case.input_shape or tuple(net.input_shape)
+
+
+def randomise_bn(net: torch.nn.Module, seed: int = 1) -> None:
+    """Non-trivial BatchNorm statistics so eval-mode BN is actually exercised (as the vectors)."""
+    gen = torch.Generator().manual_seed(seed)
+    for m in net.modules():
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+            c = m.num_features
+            m.running_mean.copy_(torch.randn(c, generator=gen) * 0.1)
+            m.running_var.copy_(torch.rand(c, generator=gen) + 0.5)
+            with torch.no_grad():
+                m.weight.copy_(1 + torch.randn(c, generator=gen) * 0.1)
+                m.bias.copy_(torch.randn(c, generator=gen) * 0.1)
+
+
+def backbone_params(marks_slow: bool = True):
+    """pytest params over the registry, slow ones marked."""
+    return [
+        pytest.param(n, marks=[pytest.mark.slow] if case_for(n).slow and marks_slow else [], id=n)
+        for n in list_backbones()
+    ]
+
+
+def vector_files():
+    if not VECTORS.is_dir():
+        return []
+    return sorted(VECTORS.glob("*.pt")) + sorted((VECTORS / "extra").glob("*.pt"))
+
+
+def load_vector(path: Path) -> Dict[str, Any]:
+    return torch.load(path, map_location="cpu", weights_only=True)

@@ -1,0 +1,132 @@
+"""One fixed, scriptable head per `returnt` mode.
+
+A `returnt` string is run-time control flow; an exported graph needs a fixed signature. Each
+head's `forward(x)` calls the backbone's typed pieces and returns a static type. Heads also
+carry the flat-parameter API as `@torch.jit.export` methods, so a TorchScript file keeps
+`get_params`/`set_params`/`get_grads`/`set_grads` with eager semantics and order.
+"""
+
+
+from typing import Dict, List, Optional, Tuple, Type
+
+import torch
+from torch import Tensor, nn
+
+from zoo.base import RETURNT_MODES, MammothBackbone, check_returnt
+
+
+class ExportHead(nn.Module):
+    """Base of the four heads: holds the backbone and the flat-parameter methods."""
+
+    mode: str = ""
+
+    def __init__(self, backbone: MammothBackbone) -> None:
+        super().__init__()
+        self.backbone = backbone
+        # TorchScript cannot iterate parameters(); a list attribute aliases them (and still
+        # does after torch.jit.save/load), in the backbone's parameters() order.
+        self.flat_params: List[Tensor] = [p for p in backbone.parameters()]
+        self.num_params: int = sum(p.numel() for p in self.flat_params)
+
+    def output_names(self) -> List[str]:
+        names = self.backbone.output_names()
+        return {"out": ["logits"], "features": ["features"], "both": ["logits", "features"],
+                "full": names}[self.mode]
+
+    def _check(self, v: Tensor, what: str) -> None:
+        if v.dim() != 1:
+            raise ValueError(what + ": expected a 1-D vector of " + str(self.num_params)
+                             + " elements, got " + str(v.dim()) + " dimensions")
+        if v.numel() != self.num_params:
+            raise ValueError(what + ": expected " + str(self.num_params) + " elements, got "
+                             + str(v.numel()))
+        if v.dtype != self.flat_params[0].dtype:
+            raise ValueError(what + ": expected dtype " + str(self.flat_params[0].dtype)
+                             + ", got " + str(v.dtype))
+
+    @torch.jit.export
+    def get_params(self) -> Tensor:
+        return torch.cat([p.detach().reshape(-1) for p in self.flat_params])
+
+    @torch.jit.export
+    def set_params(self, new_params: Tensor) -> None:
+        self._check(new_params, "set_params")
+        offset = 0
+        with torch.no_grad():
+            for p in self.flat_params:
+                n = p.numel()
+                p.copy_(new_params[offset:offset + n].view(p.shape))
+                offset += n
+
+    def _grads_or_none(self) -> List[Optional[Tensor]]:
+        # TorchScript types `p.grad` as Tensor (an undefined one when absent); only once it is
+        # stored as Optional does `is None` test what it says.
+        return [p.grad for p in self.flat_params]
+
+    @torch.jit.export
+    def get_grads(self) -> Tensor:
+        grads: List[Tensor] = []
+        seen = False
+        for p, g in zip(self.flat_params, self._grads_or_none()):
+            if g is None:
+                grads.append(torch.zeros_like(p).reshape(-1))
+            else:
+                seen = True
+                grads.append(g.detach().reshape(-1))
+        if not seen:
+            raise RuntimeError("get_grads: no parameter has a gradient yet; call backward() first")
+        return torch.cat(grads)
+
+    @torch.jit.export
+    def set_grads(self, new_grads: Tensor) -> None:
+        self._check(new_grads, "set_grads")
+        offset = 0
+        for p, g in zip(self.flat_params, self._grads_or_none()):
+            n = p.numel()
+            chunk = new_grads[offset:offset + n].view(p.shape).detach().clone()
+            if g is None:  # TorchScript cannot assign .grad; accumulating into none creates it
+                p.backward(chunk)
+            else:
+                g.copy_(chunk)
+            offset += n
+
+
+class OutHead(ExportHead):
+    mode = "out"
+
+    def forward(self, x: Tensor) -> Tensor:
+        features = self.backbone.forward_pool(self.backbone.forward_stages(x)[-1])
+        return self.backbone.forward_head(features)
+
+
+class FeaturesHead(ExportHead):
+    mode = "features"
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.backbone.forward_pool(self.backbone.forward_stages(x)[-1])
+
+
+class BothHead(ExportHead):
+    mode = "both"
+
+    def forward(self, x: Tensor) -> Tuple[Tensor, Tensor]:
+        features = self.backbone.forward_pool(self.backbone.forward_stages(x)[-1])
+        return self.backbone.forward_head(features), features
+
+
+class FullHead(ExportHead):
+    mode = "full"
+
+    def forward(self, x: Tensor) -> List[Tensor]:
+        return self.backbone.forward_full(x)
+
+
+HEADS: Dict[str, Type[ExportHead]] = {
+    "out": OutHead, "features": FeaturesHead, "both": BothHead, "full": FullHead,
+}
+assert tuple(HEADS) == RETURNT_MODES
+
+
+def make_head(backbone: MammothBackbone, mode: str) -> ExportHead:
+    """The fixed head of `mode` around `backbone`, in eval() (exports must never see train BN)."""
+    return HEADS[check_returnt(mode)](backbone).eval()
