@@ -6,6 +6,10 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 BACKBONE ?= resnet
 ARGS ?=
+# `resnet` keeps `depth` required in the registry (as the seed shows); `make export` defaults it
+# to 18 (ResNet-18) unless ARGS names a depth: make export BACKBONE=resnet ARGS="--depth 50"
+DEPTH ?= 18
+BACKBONE_ARGS = $(if $(filter resnet,$(BACKBONE)),$(if $(findstring --depth,$(ARGS)),,--depth $(DEPTH)))
 OUT ?= artifacts
 PYTEST_ARGS ?=
 
@@ -26,7 +30,7 @@ test: $(STAMP)  ## run the whole test suite
 	$(PY) -m pytest -n 2 $(PYTEST_ARGS)
 
 export: $(STAMP)  ## export one backbone: make export BACKBONE=resnet [ARGS="--depth 34"]
-	$(PY) -m export $(BACKBONE) --out $(OUT) $(ARGS)
+	$(PY) -m export $(BACKBONE) --out $(OUT) $(BACKBONE_ARGS) $(ARGS)
 
 export-all: $(STAMP)  ## export every registered backbone
 	$(PY) -m export --all --out $(OUT) $(ARGS)

@@ -1,0 +1,221 @@
+"""`python -m export`: export backbones to TorchScript and ONNX, verify and inspect artifacts.
+
+    python -m export BACKBONE [--depth 18 ...] [--modes ...] [--formats ...] [--out artifacts]
+    python -m export --checkpoint run_last.pt          # a Mammoth run: backbone + args from it
+    python -m export --all                             # every registered backbone
+    python -m export verify artifacts/resnet           # re-check files and numbers
+    python -m export params read|write ...             # flat parameter vectors of ONNX files
+
+`python -m export BACKBONE --help` lists that backbone's own arguments.
+"""
+
+import argparse
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
+
+import torch
+
+from export.checkpoint import Checkpoint, read_checkpoint
+from export.core import FORMATS, ExportResult, export_backbone, parse_list
+from zoo.base import RETURNT_MODES
+from zoo.registry import REGISTRY, BackboneEntry, get_entry, list_backbones, normalise_name
+from zoo.weights import CheckpointError, load_state_dict_strict
+
+#: values `--all` uses for arguments the registry marks required
+ALL_DEFAULTS: Dict[str, Dict[str, Any]] = {"resnet": {"depth": 18}}
+
+
+class CliError(Exception):
+    """A one-line user error: printed as `error: ...`, exit status 2."""
+
+
+def _base_parser(add_help: bool) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m export", add_help=add_help,
+        description="Export a returnt-zoo backbone: one TorchScript and one ONNX file per returnt "
+                    "mode, each verified against eager PyTorch, plus manifest.json.",
+        epilog="Subcommands: 'python -m export verify DIR', 'python -m export params --help'. "
+               "Examples: python -m export resnet --depth 18; python -m export resnet18 "
+               "--num_filters 32 --modes out,features; python -m export --checkpoint run_last.pt",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("backbone", nargs="?", help="registered backbone name (python -m zoo list)")
+    parser.add_argument("--all", action="store_true", help="export every registered backbone")
+    parser.add_argument("--modes", default=",".join(RETURNT_MODES),
+                        help="comma-separated returnt modes (default: %(default)s)")
+    parser.add_argument("--formats", default=",".join(FORMATS),
+                        help="comma-separated formats (default: %(default)s)")
+    parser.add_argument("--checkpoint", type=Path, help="weights: a backbone state_dict (.pt, "
+                        ".safetensors) or a Mammoth run checkpoint (backbone and args read from it)")
+    parser.add_argument("--allow-unsafe-pickle", action="store_true",
+                        help="load a checkpoint that is not weights-only (runs code from the file: "
+                             "only for files you trust, e.g. Mammoth's old pickle format)")
+    parser.add_argument("--input-shape", help="C,H,W of the example input (default: the backbone's)")
+    parser.add_argument("--opset", type=int, help="ONNX opset (default: the exporter's)")
+    parser.add_argument("--out", type=Path, default=Path("artifacts"),
+                        help="parent directory of the export directories (default: %(default)s)")
+    parser.add_argument("--name", help="export directory name (default: backbone name + a tag of "
+                        "the arguments that differ from the defaults)")
+    parser.add_argument("--device", default="cpu", help="device for eager/TorchScript and the "
+                        "onnxruntime provider (cpu, cuda)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random weights when no "
+                        "checkpoint is given (default: %(default)s)")
+    return parser
+
+
+def dir_name(entry: BackboneEntry, kwargs: Dict[str, Any]) -> str:
+    """`resnet18`, or `resnet18-num_filters8` when arguments differ from their defaults."""
+    tag = [f"{a.name}{kwargs[a.name]}" for a in entry.args
+           if not a.required and a.name in kwargs and kwargs[a.name] != a.default
+           and a.name != "weights"]
+    return "-".join([entry.name] + [t.replace("/", "_") for t in tag])
+
+
+def _parse_shape(text: Optional[str]) -> Optional[tuple]:
+    if not text:
+        return None
+    try:
+        shape = tuple(int(t) for t in text.replace("x", ",").split(","))
+    except ValueError:
+        raise CliError(f"--input-shape {text!r}: expected C,H,W integers, e.g. 3,32,32") from None
+    if any(d <= 0 for d in shape):
+        raise CliError(f"--input-shape {text!r}: dimensions must be positive")
+    return shape
+
+
+def _args_from_checkpoint(entry: BackboneEntry, ckpt: Checkpoint) -> Dict[str, Any]:
+    return {a.name: ckpt.args[a.name] for a in entry.args
+            if a.name in ckpt.args and ckpt.args[a.name] is not None}
+
+
+def _build(name: str, argv: Sequence[str], ckpt: Optional[Checkpoint], seed: int):
+    """Parse the backbone's own options (registry-inferred) and build it."""
+    entry = get_entry(name)
+    parser = _base_parser(add_help=True)
+    REGISTRY.add_argparse_group(parser, entry.name, required=False)
+    ns = parser.parse_args(argv)
+    given = {a.name for a in entry.args if any(t == a.flag or t.startswith(a.flag + "=") for t in argv)}
+    kwargs = _args_from_checkpoint(entry, ckpt) if ckpt else {}
+    kwargs.update({a.name: getattr(ns, a.name) for a in entry.args if a.name in given})
+    for a in entry.args:
+        if a.name not in kwargs and not a.required:
+            kwargs[a.name] = getattr(ns, a.name)
+    missing = [a for a in entry.args if a.required and a.name not in kwargs]
+    if missing:
+        a = missing[0]
+        example = ALL_DEFAULTS.get(entry.name, {}).get(a.name, "...")
+        raise CliError(f"backbone {entry.name!r} needs {a.flag} ({a.type.__name__}); e.g. "
+                       f"python -m export {entry.name} {a.flag} {example}  or  "
+                       f"make export BACKBONE={entry.name} ARGS='{a.flag} {example}'")
+    torch.manual_seed(seed)
+    try:
+        net = REGISTRY.build(entry.name, **kwargs)
+    except (TypeError, ValueError) as exc:
+        raise CliError(str(exc)) from None
+    return entry, net, kwargs
+
+
+def _source(ckpt: Optional[Checkpoint], seed: int) -> Dict[str, Any]:
+    if ckpt is None:
+        return {"weights": f"random (seed {seed})"}
+    from export.manifest import sha256
+
+    return {"weights": ckpt.kind, "checkpoint": ckpt.path.name, "checkpoint_sha256": sha256(ckpt.path)}
+
+
+def run_export(argv: Sequence[str]) -> int:
+    first, _ = _base_parser(add_help=False).parse_known_args(argv)
+    if first.all:
+        return run_all(first)
+    ckpt = None
+    if first.checkpoint:
+        ckpt = read_checkpoint(first.checkpoint, first.allow_unsafe_pickle)
+    name = first.backbone or (ckpt.backbone if ckpt else None)
+    if not name:
+        if "-h" in argv or "--help" in argv:
+            _base_parser(add_help=True).parse_args(argv)
+        hint = " (the checkpoint names none: give it)" if ckpt else ""
+        raise CliError(f"no backbone given{hint}; choose one of: {', '.join(list_backbones())}")
+    if ckpt and first.backbone and ckpt.backbone and normalise_name(first.backbone) != normalise_name(ckpt.backbone):
+        print(f"note: checkpoint was trained with backbone {ckpt.backbone!r}; exporting "
+              f"{first.backbone!r} as asked", file=sys.stderr)
+    try:
+        get_entry(name)
+    except KeyError as exc:
+        raise CliError(exc.args[0]) from None
+    entry, net, kwargs = _build(name, argv, ckpt, first.seed)
+    if ckpt:
+        load_state_dict_strict(net, ckpt.state_dict, what=f"checkpoint {str(ckpt.path)!r}")
+    out_dir = first.out / (first.name or dir_name(entry, kwargs))
+    result = _export(net, out_dir, first, _source(ckpt, first.seed))
+    _print_result(result)
+    return 0 if result.ok else 1
+
+
+def _export(net, out_dir: Path, opts, source) -> ExportResult:
+    modes = parse_list(opts.modes, RETURNT_MODES, "mode")
+    formats = parse_list(opts.formats, FORMATS, "format")
+    return export_backbone(net, out_dir, modes=modes, formats=formats,
+                           input_shape=_parse_shape(opts.input_shape), opset=opts.opset,
+                           device=opts.device, source=source)
+
+
+def _print_result(result: ExportResult) -> None:
+    m = result.manifest
+    secs = m["timing"]["seconds"]
+    print(f"{result.directory}: {len(m['files'])} files, max |exported-eager| "
+          f"{result.max_error():.2g}, {sum(secs.values()):.1f}s "
+          f"(onnx export {secs.get('onnx_export', 0):.1f}s)")
+    for failure in result.failures:
+        print(f"FAILED {failure}", file=sys.stderr)
+
+
+def run_all(opts) -> int:
+    from tqdm import tqdm
+
+    rows: List[List[str]] = []
+    failed = 0
+    names = list_backbones()
+    for name in (bar := tqdm(names, desc="export", unit="backbone", file=sys.stderr)):
+        bar.set_postfix_str(name)
+        t = time.perf_counter()
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", UserWarning)  # pretrained variants, no weights
+                torch.manual_seed(opts.seed)
+                net = REGISTRY.build(name, **ALL_DEFAULTS.get(name, {}))
+            result = _export(net, opts.out / name, opts, _source(None, opts.seed))
+            status = "ok" if result.ok else "FAILED: " + "; ".join(result.failures)
+            err = f"{result.max_error():.1e}"
+        except Exception as exc:  # keep going: one backbone's failure must not stop the rest
+            status, err = f"FAILED: {type(exc).__name__}: {str(exc).splitlines()[0][:100]}", "-"
+        failed += status != "ok"
+        rows.append([name, opts.modes, opts.formats, f"{time.perf_counter() - t:.1f}", err, status])
+    print(_table(["backbone", "modes", "formats", "seconds", "max error", "status"], rows))
+    print(f"{len(rows) - failed} exported, {failed} failed")
+    return 1 if failed else 0
+
+
+def _table(header: List[str], rows: List[List[str]]) -> str:
+    widths = [max(len(str(r[i])) for r in [header] + rows) for i in range(len(header))]
+    line = lambda r: "  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip()  # noqa: E731
+    return "\n".join([line(header), line(["-" * w for w in widths])] + [line(r) for r in rows])
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    from export.commands import run_params, run_verify
+    from export.flat_params import OnnxParamsError
+
+    subcommands = {"verify": run_verify, "params": run_params}
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        if argv and argv[0] in subcommands:
+            return subcommands[argv[0]](argv[1:])
+        return run_export(argv)
+    except (CliError, CheckpointError, OnnxParamsError, ValueError, PermissionError,
+            FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2

@@ -1,0 +1,124 @@
+"""Flat parameter vectors of exported ONNX files: read them, write new ones (no re-export).
+
+The manifest's layout maps each slice of the eager `get_params()` vector (name, shape, offset,
+length, in `parameters()` order) to the ONNX initializer that holds that parameter
+(`onnx_name`; the export checked it is the parameter bit for bit). Writing replaces those
+initializers' data and saves a new file atomically, keeping external data if the source had it.
+"""
+
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import numpy as np
+import onnx
+import torch
+from onnx import numpy_helper
+from torch import Tensor
+
+from export.atomic import atomic_path
+from export.manifest import read_manifest
+from zoo.base import check_flat_vector
+
+
+class OnnxParamsError(ValueError):
+    """An ONNX file (or vector) that does not fit the manifest's parameter layout."""
+
+
+def layout_for(path: Path, manifest: Optional[Dict[str, Any]] = None) -> List[Dict[str, Any]]:
+    """The flat-parameter layout: from `manifest`, else the manifest.json beside `path`."""
+    manifest = manifest if manifest is not None else read_manifest(Path(path).parent)
+    layout = manifest.get("flat_params", {}).get("layout")
+    if not layout or any("onnx_name" not in e for e in layout):
+        raise OnnxParamsError(f"{path}: the manifest has no ONNX parameter layout "
+                              "(export with --formats including onnx)")
+    return layout
+
+
+def load_onnx(path: Path) -> onnx.ModelProto:
+    """onnx.load with a one-line error for a missing, corrupt or foreign file."""
+    path = Path(path)
+    if not path.is_file():
+        raise OnnxParamsError(f"{path}: no such file")
+    try:
+        model = onnx.load(str(path))
+    except Exception as exc:  # protobuf DecodeError and friends
+        raise OnnxParamsError(f"{path}: not an ONNX model ({type(exc).__name__})") from None
+    if not model.graph.node and not model.graph.initializer:
+        raise OnnxParamsError(f"{path}: not an ONNX model (empty graph)")
+    return model
+
+
+def _initializers(model: onnx.ModelProto, layout, path) -> Dict[str, onnx.TensorProto]:
+    inits = {t.name: t for t in model.graph.initializer}
+    missing = [e["onnx_name"] for e in layout if e["onnx_name"] not in inits]
+    if missing:
+        raise OnnxParamsError(f"{path}: initializers do not match the manifest: missing "
+                              f"{', '.join(missing[:5])}" + (" ..." if len(missing) > 5 else ""))
+    bad = [f"{e['onnx_name']} {list(inits[e['onnx_name']].dims)} != {e['shape']}" for e in layout
+           if list(inits[e["onnx_name"]].dims) != list(e["shape"])]
+    if bad:
+        raise OnnxParamsError(f"{path}: initializers do not match the manifest: shape of "
+                              + "; ".join(bad[:3]))
+    return inits
+
+
+def read_onnx_params(path: Path, manifest: Optional[Dict[str, Any]] = None) -> Tensor:
+    """The flat parameter vector stored in an exported ONNX file (== eager `get_params()`)."""
+    model = load_onnx(path)
+    layout = layout_for(path, manifest)
+    inits = _initializers(model, layout, path)
+    parts = [numpy_helper.to_array(inits[e["onnx_name"]]).reshape(-1) for e in layout]
+    return torch.from_numpy(np.concatenate(parts).astype(np.float32, copy=False))
+
+
+def set_model_params(model: onnx.ModelProto, vector: Tensor, layout, path="model",
+                     allow_nonfinite: bool = False) -> onnx.ModelProto:
+    """Write `vector` into the initializers of `model` (in place), validated first."""
+    total = sum(e["length"] for e in layout)
+    check_flat_vector(vector, total, torch.float32, "set_params")
+    if not allow_nonfinite and not bool(torch.isfinite(vector).all()):
+        bad = int((~torch.isfinite(vector)).sum())
+        raise ValueError(f"set_params: vector has {bad} NaN/inf values; pass allow_nonfinite=True "
+                         "(--allow-nonfinite) to write them anyway")
+    inits = _initializers(model, layout, path)
+    array = vector.detach().cpu().numpy()
+    replacements = []
+    for e in layout:
+        old = inits[e["onnx_name"]]
+        chunk = array[e["offset"]:e["offset"] + e["length"]].reshape(e["shape"])
+        replacements.append((old, numpy_helper.from_array(chunk.astype(np.float32), old.name)))
+    for old, new in replacements:  # all validated and converted: now change the model
+        old.CopyFrom(new)
+    return model
+
+
+def write_onnx_params(path: Path, vector: Tensor, out: Path,
+                      manifest: Optional[Dict[str, Any]] = None,
+                      allow_nonfinite: bool = False) -> Path:
+    """A copy of the ONNX file at `path` with `vector` as its parameters, written atomically."""
+    path, out = Path(path), Path(out)
+    model = load_onnx(path)
+    layout = layout_for(path, manifest)
+    if out.resolve() == path.resolve():
+        raise OnnxParamsError(f"{out}: write to a new file; overwriting an exported artifact would "
+                              "break its sha256 in the manifest")
+    external = any(t.data_location == onnx.TensorProto.EXTERNAL
+                   for t in onnx.load(str(path), load_external_data=False).graph.initializer)
+    set_model_params(model, vector, layout, path, allow_nonfinite)
+    if external:
+        data_name = out.name + ".data"
+        # the data file is renamed into place first, then the graph that refers to it
+        with atomic_path(out) as tmp, atomic_path(out.parent / data_name) as tmp_data:
+            onnx.save(model, str(tmp), save_as_external_data=True, all_tensors_to_one_file=True,
+                      location=tmp_data.name)
+            # the graph must name the final data file, not its temporary name
+            model_ref = onnx.load(str(tmp), load_external_data=False)
+            for t in model_ref.graph.initializer:
+                for kv in t.external_data:
+                    if kv.key == "location":
+                        kv.value = data_name
+            onnx.save(model_ref, str(tmp))
+    else:
+        with atomic_path(out) as tmp:
+            onnx.save(model, str(tmp))
+    return out

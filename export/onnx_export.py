@@ -1,0 +1,137 @@
+"""ONNX export: one dynamo export of the `'full'` head, every mode derived from it.
+
+The `'full'` graph computes everything the other heads compute, so `'out'`, `'features'` and
+`'both'` are the same graph with fewer outputs (unused nodes pruned): one torch.export per
+backbone instead of four. The exporter runs with `optimize=False` (its default optimiser folds
+BatchNorm into conv weights, losing the parameters), followed by onnxscript's constant folding
+and dead-node removal only: every parameter stays an initializer, bit-equal to eager, and
+onnxruntime still fuses Conv+BN itself at session creation (SPEC §6).
+"""
+
+import warnings
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Tuple
+
+import onnx
+import onnx_ir as ir
+import torch
+from onnxscript import optimizer
+
+from zoo.base import MammothBackbone
+from zoo.heads import make_head
+
+def mode_outputs(full_names: List[str]) -> Dict[str, List[str]]:
+    """Output names of each mode's graph, all taken from the 'full' graph's outputs."""
+    return {"out": ["logits"], "features": ["features"], "both": ["logits", "features"],
+            "full": list(full_names)}
+
+
+@dataclass
+class OnnxExport:
+    models: Dict[str, onnx.ModelProto]
+    param_names: Dict[str, str]  # eager parameter name -> ONNX initializer name
+    opset: int
+
+
+def _dynamic_shapes(net: MammothBackbone) -> dict:
+    dims = {0: torch.export.Dim("batch", min=1, max=4096)}
+    if getattr(net, "dynamic_hw", False):
+        dims[2] = torch.export.Dim.AUTO
+        dims[3] = torch.export.Dim.AUTO
+    return {"x": dims}
+
+
+def _rename_outputs(graph: ir.Graph, names: List[str]) -> None:
+    """Give output i the name names[i]; an output that is also another output (an MLP's last
+    hidden layer is its features) gets its own Identity so each name exists once."""
+    used: set = set()
+    for i, (value, name) in enumerate(zip(list(graph.outputs), names)):
+        if value.name == name and name not in used:
+            used.add(name)
+            continue
+        node = ir.Node("", "Identity", inputs=[value], num_outputs=1)
+        node.outputs[0].name = name
+        node.outputs[0].shape = value.shape
+        node.outputs[0].type = value.type
+        graph.append(node)
+        graph.outputs[i] = node.outputs[0]
+        used.add(name)
+
+
+def _parameter_aliases(net: MammothBackbone, prefix: str) -> Dict[str, List[str]]:
+    """Eager name (first, as parameters() sees it) -> every name the parameter has."""
+    by_id: Dict[int, List[str]] = {}
+    for name, p in net.named_parameters(remove_duplicate=False):
+        by_id.setdefault(id(p), []).append(prefix + name)
+    return {names[0][len(prefix):]: names for names in by_id.values()}
+
+
+def _keep_all_parameters(model: ir.Model, net: MammothBackbone, prefix: str) -> Dict[str, str]:
+    """Map every parameter to its initializer; add the ones the graph does not use (resnet32's
+    `bn_final`, a head's unused classifier) so the file holds the whole flat vector."""
+    inits = model.graph.initializers
+    mapping: Dict[str, str] = {}
+    params = dict(net.named_parameters())
+    for name, aliases in _parameter_aliases(net, prefix).items():
+        found = next((a for a in aliases if a in inits), None)
+        if found is None:
+            found = prefix + name
+            tensor = ir.tensor(params[name].detach().cpu().numpy(), name=found)
+            value = ir.Value(name=found, shape=tensor.shape, type=ir.TensorType(tensor.dtype),
+                             const_value=tensor)
+            model.graph.register_initializer(value)
+        # Never map a parameter onto a transformed tensor: the initializer must be the
+        # eager parameter, bit for bit.
+        stored = inits[found].const_value.numpy()
+        if stored.shape != tuple(params[name].shape) or not (stored == params[name].detach().cpu().numpy()).all():
+            raise RuntimeError(f"ONNX initializer {found!r} is not parameter {name!r} bit for bit: "
+                               "the exporter transformed it; flat vectors cannot map onto it")
+        mapping[name] = found
+    return mapping
+
+
+def export_onnx(net: MammothBackbone, input_shape: Tuple[int, ...], opset: Optional[int] = None,
+                device: str = "cpu") -> OnnxExport:
+    """Export `net` (in eval) once and derive the four mode graphs."""
+    head = make_head(net, "full")
+    example = torch.randn(2, *input_shape, device=device)
+    full_names = net.output_names()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # exporter chatter (deprecations inside torch.export)
+        program = torch.onnx.export(
+            head, (example,), None, dynamo=True, optimize=False, opset_version=opset,
+            input_names=["x"], output_names=full_names, dynamic_shapes=_dynamic_shapes(net),
+            verbose=False, report=False,
+        )
+    model = program.model
+    optimizer.fold_constants(model)
+    optimizer.remove_unused_nodes(model)
+    _rename_outputs(model.graph, full_names)
+    prefix = "backbone."
+    mapping = _keep_all_parameters(model, net, prefix)
+    full_proto = ir.serde.serialize_model(model)
+    models: Dict[str, onnx.ModelProto] = {}
+    for mode, names in mode_outputs(full_names).items():
+        models[mode] = _select_outputs(full_proto, names) if mode != "full" else full_proto
+    opset_used = next(o.version for o in full_proto.opset_import if o.domain in ("", "ai.onnx"))
+    for proto in models.values():
+        proto.producer_name = "returnt-zoo"
+        onnx.checker.check_model(proto, full_check=True)
+    models = {m: onnx.shape_inference.infer_shapes(p, strict_mode=True) for m, p in models.items()}
+    return OnnxExport(models, mapping, opset_used)
+
+
+def _select_outputs(full: onnx.ModelProto, names: List[str]) -> onnx.ModelProto:
+    """The full graph with only `names` as outputs, dead nodes removed, all initializers kept."""
+    model = ir.serde.deserialize_model(full)
+    by_name = {v.name: v for v in model.graph.outputs}
+    model.graph.outputs.clear()
+    for name in names:
+        model.graph.outputs.append(by_name[name])
+    initializers = dict(model.graph.initializers)
+    optimizer.remove_unused_nodes(model)
+    for name, value in initializers.items():  # keep every parameter (flat-vector round trips)
+        if name not in model.graph.initializers:
+            model.graph.register_initializer(ir.Value(
+                name=name, shape=value.shape, type=value.type, const_value=value.const_value))
+    return ir.serde.serialize_model(model)

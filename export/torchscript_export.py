@@ -1,0 +1,19 @@
+"""TorchScript export: `torch.jit.script` of each fixed head, saved with `torch.jit.save`."""
+
+import warnings
+
+import torch
+
+from zoo.base import MammothBackbone
+from zoo.heads import make_head
+
+
+def script_head(net: MammothBackbone, mode: str) -> torch.jit.ScriptModule:
+    """The scripted head of `mode` (eval). Loadable with torch.jit.load without the zoo."""
+    head = make_head(net, mode)
+    with warnings.catch_warnings():
+        # torch 2.14 deprecates torch.jit.script in favour of torch.export; we still ship
+        # TorchScript (users load it with torch.jit.load), so silence only this warning.
+        warnings.filterwarnings("ignore", message=r"`torch\.jit\.script` is deprecated",
+                                category=FutureWarning)
+        return torch.jit.script(head)
