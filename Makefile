@@ -27,7 +27,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)  ## create .venv and install the package with test extras
 
 test: $(STAMP)  ## run the whole test suite
-	$(PY) -m pytest -n 2 $(PYTEST_ARGS)
+	$(PY) -m pytest -n 2 --dist loadgroup $(PYTEST_ARGS)
 
 export: $(STAMP)  ## export one backbone: make export BACKBONE=resnet [ARGS="--depth 34"]
 	$(PY) -m export $(BACKBONE) --out $(OUT) $(BACKBONE_ARGS) $(ARGS)

@@ -10,7 +10,7 @@ import torch
 from export.atomic import atomic_path, check_writable_dir
 from export.manifest import file_entry, param_layout, versions, write_manifest
 from export.onnx_export import export_onnx, mode_outputs
-from export.torchscript_export import script_head
+from export.torchscript_export import save_torchscript, script_head
 from export.verify import ATOL, REL_FLOOR, RTOL, eager_outputs, sample_inputs, verify_onnx, verify_torchscript
 from zoo.base import RETURNT_MODES, MammothBackbone
 
@@ -107,7 +107,7 @@ def export_backbone(
             try:
                 with atomic_path(path) as tmp:
                     if fmt == "torchscript":
-                        torch.jit.save(script_head(net, mode), str(tmp))
+                        save_torchscript(script_head(net, mode), tmp)
                     else:
                         tmp.write_bytes(exported.models[mode].SerializeToString())
                     t_write = time.perf_counter()

@@ -17,3 +17,11 @@ def script_head(net: MammothBackbone, mode: str) -> torch.jit.ScriptModule:
         warnings.filterwarnings("ignore", message=r"`torch\.jit\.script` is deprecated",
                                 category=FutureWarning)
         return torch.jit.script(head)
+
+
+def save_torchscript(module: torch.jit.ScriptModule, path) -> None:
+    """torch.jit.save without its torch 2.14 deprecation warning."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"`torch\.jit\.save` is deprecated",
+                                category=FutureWarning)
+        torch.jit.save(module, str(path))

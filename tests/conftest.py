@@ -54,3 +54,31 @@ def vector_files():
 
 def load_vector(path: Path) -> Dict[str, Any]:
     return torch.load(path, map_location="cpu", weights_only=True)
+
+
+_EXPORTS: Dict[str, Any] = {}
+
+
+def exported(name: str, root: Path):
+    """Export the small configuration of `name` once per test process (all modes, formats)."""
+    if name not in _EXPORTS:
+        from export.core import export_backbone
+
+        net, shape = build_small(name)
+        _EXPORTS[name] = (net, export_backbone(net, root / name, input_shape=shape))
+    return _EXPORTS[name]
+
+
+@pytest.fixture(scope="session")
+def export_root(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("exports")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests of one backbone's exports run on one xdist worker (`--dist loadgroup`), so each
+    backbone is exported once per run, not once per worker."""
+    for item in items:
+        callspec = getattr(item, "callspec", None)
+        name = callspec.params.get("name") if callspec else None
+        if name is not None and "export" in item.fixturenames:
+            item.add_marker(pytest.mark.xdist_group(f"export-{name}"))

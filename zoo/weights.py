@@ -8,6 +8,7 @@ unexpected and mis-shaped key in one line instead of PyTorch's multi-line traceb
 from __future__ import annotations
 
 import pickle
+import re
 import warnings
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterable, Mapping, Optional
@@ -50,11 +51,12 @@ def load_file(path: str | Path, allow_unsafe_pickle: bool = False) -> Any:
     except pickle.UnpicklingError as exc:
         if allow_unsafe_pickle:
             raise CheckpointError(f"{path}: cannot be unpickled ({exc})") from None
-        detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(exc))
+        needs = f"it needs {found.group(1)}" if found else "it needs more than tensors"
         raise UnsafeCheckpointError(
-            f"{path}: refused, it is not a weights-only pickle (loading it would run code "
-            f"from the file: {detail[:160]}); if you trust its source, pass "
-            f"--allow-unsafe-pickle (allow_unsafe_pickle=True)"
+            f"{path}: refused, not a weights-only pickle ({needs}; unpickling it can run code "
+            f"from the file); if you trust its source, pass --allow-unsafe-pickle "
+            f"(allow_unsafe_pickle=True)"
         ) from None
     except (RuntimeError, EOFError, OSError) as exc:
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__

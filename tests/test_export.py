@@ -1,0 +1,121 @@
+"""Eager vs exported for every backbone x mode x format, artifacts and manifest."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from export.core import FORMATS
+from export.verify import ATOL, RTOL, as_list, load_torchscript, ort_session
+from tests.conftest import backbone_params, exported
+from zoo import RETURNT_MODES
+
+BACKBONES = backbone_params()
+
+
+@pytest.fixture
+def export(name, export_root):
+    return exported(name, export_root)
+
+
+def assert_within_bound(got, want):
+    """SPEC §4 bound (absolute term in units of the output's scale, see export/verify.py)."""
+    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+    assert got.shape == want.shape
+    scale = max(1.0, float(np.abs(want).max()))
+    excess = np.abs(got - want) - (ATOL * scale + RTOL * np.abs(want))
+    assert excess.max() <= 0, f"max |diff| {np.abs(got - want).max():.3g} beyond the bound"
+
+
+@pytest.mark.parametrize("name", BACKBONES)
+def test_export_succeeds_with_manifest(name, export):
+    net, result = export
+    assert result.ok, result.failures
+    m = result.manifest
+    assert set(m["files"]) == {f"{mode}{s}" for mode in RETURNT_MODES for s in (".pt", ".onnx")}
+    for fname, entry in m["files"].items():
+        path = result.directory / fname
+        assert path.stat().st_size == entry["size"] and len(entry["sha256"]) == 64
+    assert m["backbone"]["name"] == name and m["input"]["name"] == "x"
+    assert m["input"]["shape"][0] == "batch"
+    assert m["modes"]["full"]["outputs"][-2:] == [
+        {"name": "features", "shape": ["batch", net.feature_dim]},
+        {"name": "logits", "shape": m["modes"]["out"]["outputs"][0]["shape"]}]
+    assert [o["name"] for o in m["modes"]["full"]["outputs"]] == net.output_names()
+    assert m["opset"] >= 18 and {"torch", "onnx", "onnxruntime", "returnt_zoo"} <= set(m["versions"])
+    layout = m["flat_params"]["layout"]
+    assert [e["name"] for e in layout] == [n for n, _ in net.named_parameters()]
+    assert sum(e["length"] for e in layout) == net.num_params() == m["flat_params"]["count"]
+    for fmt in FORMATS:
+        for mode in RETURNT_MODES:
+            stats = m["verification"][fmt][mode]
+            assert all(s["ok"] for s in stats.values()), (fmt, mode, stats)
+    assert m["timing"]["seconds"]["onnx_export"] > 0
+    assert not list(result.directory.glob(".*.tmp")), "temp files left behind"
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("mode", RETURNT_MODES)
+@pytest.mark.parametrize("name", BACKBONES)
+def test_exported_matches_eager(name, mode, fmt, export):
+    """Fresh runtime, two batch sizes that the export never saw (1 and 5)."""
+    net, result = export
+    path = result.directory / f"{mode}{'.pt' if fmt == 'torchscript' else '.onnx'}"
+    names = [o["name"] for o in result.manifest["modes"][mode]["outputs"]]
+    shape = result.manifest["input"]["shape"][1:]
+    run = load_torchscript(path) if fmt == "torchscript" else ort_session(path)
+    for batch in (1, 5):
+        x = torch.randn(batch, *shape, generator=torch.Generator().manual_seed(batch + 7))
+        with torch.no_grad():
+            want = [t.numpy() for t in as_list(net(x, returnt=mode))]
+            if fmt == "torchscript":
+                got = [t.numpy() for t in as_list(run(x))]
+            else:
+                got = run.run(names, {"x": x.numpy()})
+        assert len(got) == len(want) == len(names)
+        for g, w in zip(got, want):
+            assert_within_bound(g, w)
+
+
+@pytest.mark.parametrize("name", BACKBONES)
+def test_onnx_graph_is_inference_only(name, export):
+    _, result = export
+    for mode in RETURNT_MODES:
+        model = onnx.load(str(result.directory / f"{mode}.onnx"))
+        onnx.checker.check_model(model, full_check=True)
+        for node in model.graph.node:
+            attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+            assert not (node.op_type == "BatchNormalization" and attrs.get("training_mode")), node.name
+            assert node.op_type != "Dropout" or len(node.input) < 3
+        assert [i.name for i in model.graph.input] == ["x"]
+        dims = model.graph.input[0].type.tensor_type.shape.dim
+        assert dims[0].dim_param, "batch dimension must be dynamic"
+        assert len(model.graph.initializer) > 0
+
+
+@pytest.mark.parametrize("name", ["resnet18", "mnistmlp"])
+def test_artifacts_load_without_the_zoo(name, export):
+    _, result = export
+    code = f"""
+import sys, numpy as np, torch, onnxruntime as ort, warnings
+warnings.simplefilter("ignore")
+d = {str(result.directory)!r}
+m = torch.jit.load(d + "/full.pt")
+shape = {result.manifest['input']['shape'][1:]!r}
+x = torch.randn(2, *shape)
+outs = m(x)
+s = ort.InferenceSession(d + "/full.onnx", providers=["CPUExecutionProvider"])
+o = s.run(None, {{"x": x.numpy()}})
+assert len(o) == len(outs)
+assert np.abs(o[-1] - outs[-1].detach().numpy()).max() < 1e-3
+assert m.get_params().numel() > 0
+assert not any(k == "zoo" or k.startswith("zoo.") or k.startswith("export") for k in sys.modules), "zoo imported"
+print("ok")
+"""
+    proc = subprocess.run([sys.executable, "-I", "-c", code], capture_output=True, text=True,
+                          cwd=result.directory)
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-2000:]
