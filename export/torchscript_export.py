@@ -1,6 +1,8 @@
 """TorchScript export: `torch.jit.script` of each fixed head, saved with `torch.jit.save`."""
 
+import io
 import warnings
+from pathlib import Path
 
 import torch
 
@@ -20,8 +22,11 @@ def script_head(net: MammothBackbone, mode: str) -> torch.jit.ScriptModule:
 
 
 def save_torchscript(module: torch.jit.ScriptModule, path) -> None:
-    """torch.jit.save without its torch 2.14 deprecation warning."""
+    """torch.jit.save without its torch 2.14 deprecation warning. Saved through a buffer: the
+    zip's top folder is named after the file, and a temporary name would make it random."""
+    buffer = io.BytesIO()
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=r"`torch\.jit\.save` is deprecated",
                                 category=FutureWarning)
-        torch.jit.save(module, str(path))
+        torch.jit.save(module, buffer)
+    Path(path).write_bytes(buffer.getvalue())

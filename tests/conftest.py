@@ -74,6 +74,7 @@ def export_root(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("exports")
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist reads the groups
 def pytest_collection_modifyitems(config, items):
     """Tests of one backbone's exports run on one xdist worker (`--dist loadgroup`), so each
     backbone is exported once per run, not once per worker."""

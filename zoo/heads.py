@@ -15,6 +15,17 @@ from torch import Tensor, nn
 from zoo.base import RETURNT_MODES, MammothBackbone, check_returnt
 
 
+def _dtype_name(dtype: torch.dtype) -> str:
+    """str(dtype) in TorchScript gives a number; name the common ones."""
+    if not torch.jit.is_scripting():
+        return str(dtype)
+    names = {6: "torch.float32", 7: "torch.float64", 5: "torch.float16", 15: "torch.bfloat16"}
+    for code, name in names.items():
+        if dtype == code:
+            return name
+    return "dtype code " + str(dtype)
+
+
 class ExportHead(nn.Module):
     """Base of the four heads: holds the backbone and the flat-parameter methods."""
 
@@ -41,8 +52,8 @@ class ExportHead(nn.Module):
             raise ValueError(what + ": expected " + str(self.num_params) + " elements, got "
                              + str(v.numel()))
         if v.dtype != self.flat_params[0].dtype:
-            raise ValueError(what + ": expected dtype " + str(self.flat_params[0].dtype)
-                             + ", got " + str(v.dtype))
+            raise ValueError(what + ": expected dtype " + _dtype_name(self.flat_params[0].dtype)
+                             + ", got " + _dtype_name(v.dtype))
 
     @torch.jit.export
     def get_params(self) -> Tensor:

@@ -1,0 +1,166 @@
+"""The export CLI: bad input (one line each), Mammoth checkpoints, determinism, atomicity."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+import export.core as core
+from export.atomic import atomic_path
+from export.cli import main
+from export.verify import load_torchscript, ort_session
+from tests.conftest import VECTORS
+from zoo import Registry
+from zoo.registry import REGISTRY
+
+CKPTS = VECTORS / "checkpoints"
+
+
+def run(capsys, *argv):
+    code = main([str(a) for a in argv])
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["resnt18"], "unknown backbone 'resnt18'; did you mean: resnet18"),
+    (["resnet18", "--modes", "out,al"], "unknown mode 'al'; allowed: out, features, both, full"),
+    (["resnet18", "--formats", "tflite"], "unknown format 'tflite'; allowed: torchscript, onnx"),
+    (["resnet"], "backbone 'resnet' needs --depth (int); e.g. python -m export resnet --depth 18"
+                 "  or  make export BACKBONE=resnet ARGS='--depth 18'"),
+    (["resnet32", "--input-shape", "3,64,64"], "does not fit backbone 'resnet32': it only takes 3x32x32"),
+    (["resnet18", "--num_filters", "8", "--input-shape", "1,32,32"], "expected 3x32x32"),
+    (["resnet18", "--input-shape", "3,a"], "expected C,H,W integers"),
+    ([], "no backbone given; choose one of:"),
+])
+def test_bad_input_one_line(capsys, tmp_path, argv, message):
+    code, _, err = run(capsys, *argv, "--out", tmp_path)
+    assert code == 2
+    assert err.startswith("error: ") and err.count("\n") == 1, err
+    assert message in err
+    assert not any(tmp_path.rglob("*.onnx"))
+
+
+def test_wrong_type_on_cli(capsys, tmp_path):
+    with pytest.raises(SystemExit) as info:
+        main(["resnet18", "--num_filters", "x", "--out", str(tmp_path)])
+    assert info.value.code == 2
+    assert "argument --num_filters: invalid int value: 'x'" in capsys.readouterr().err
+
+
+def test_unwritable_output_directory(capsys, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    code, _, err = run(capsys, "mnistmlp", "--out", blocker)
+    assert code == 2 and "is not writable" in err and str(blocker) in err
+
+
+def test_checkpoint_not_matching_backbone(capsys, tmp_path):
+    code, _, err = run(capsys, "resnet18", "--checkpoint", VECTORS / "resnet18.pt", "--out", tmp_path)
+    assert code == 2
+    assert "does not fit backbone 'resnet18': mis-shaped keys (101): conv1.weight (8, 3, 3, 3) != (64, 3, 3, 3)" in err
+
+
+def test_non_weights_only_pickle_refused(capsys, tmp_path):
+    code, _, err = run(capsys, "--checkpoint", CKPTS / "mammoth_oldpickle_resnet18.pt", "--out", tmp_path)
+    assert code == 2
+    assert "not a weights-only pickle (it needs argparse.Namespace" in err
+    assert "--allow-unsafe-pickle" in err
+
+
+def test_help_lists_backbone_arguments(capsys):
+    with pytest.raises(SystemExit):
+        main(["resnet18", "--help"])
+    out = capsys.readouterr().out
+    assert "arguments of backbone 'resnet18'" in out and "--num_filters INT" in out
+
+
+@pytest.mark.parametrize("ckpt, extra", [("mammoth_safe_resnet18.pt", []),
+                                         ("mammoth_oldpickle_resnet18.pt", ["--allow-unsafe-pickle"])])
+def test_mammoth_run_checkpoint_exports_what_was_trained(capsys, tmp_path, ckpt, extra):
+    code, out, err = run(capsys, "--checkpoint", CKPTS / ckpt, *extra, "--out", tmp_path,
+                         "--modes", "out", "--name", "run")
+    assert code == 0, err
+    manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
+    assert manifest["backbone"] == {"name": "resnet18", "args": {"num_classes": 10, "num_filters": 8},
+                                    "num_params": 176402}
+    assert manifest["source"]["checkpoint"] == ckpt
+    ref = torch.load(VECTORS / "resnet18.pt", weights_only=True)
+    x, want = ref["x"], ref["out"]
+    got_ts = load_torchscript(tmp_path / "run" / "out.pt")(x)
+    got_onnx = torch.from_numpy(ort_session(tmp_path / "run" / "out.onnx").run(None, {"x": x.numpy()})[0])
+    torch.testing.assert_close(got_ts, want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got_onnx, want, rtol=1e-4, atol=1e-4)
+
+
+def test_plain_state_dict_checkpoint(capsys, tmp_path):
+    from safetensors.torch import save_file
+
+    ref = torch.load(VECTORS / "resnet18.pt", weights_only=True)
+    save_file({k: v.contiguous() for k, v in ref["state_dict"].items()}, str(tmp_path / "w.safetensors"))
+    code, _, err = run(capsys, "resnet18", "--num_filters", "8", "--checkpoint", tmp_path / "w.safetensors",
+                       "--out", tmp_path, "--formats", "torchscript", "--modes", "features")
+    assert code == 0, err
+    got = load_torchscript(tmp_path / "resnet18-num_filters8" / "features.pt")(ref["x"])
+    torch.testing.assert_close(got, ref["features"], rtol=1e-5, atol=1e-5)
+
+
+def test_export_is_deterministic(capsys, tmp_path):
+    args = ["mnistmlp", "--mlp_hidden_size", "16", "--out", tmp_path]
+    assert run(capsys, *args, "--name", "a")[0] == 0
+    assert run(capsys, *args, "--name", "b")[0] == 0
+    a = json.loads((tmp_path / "a" / "manifest.json").read_text())
+    b = json.loads((tmp_path / "b" / "manifest.json").read_text())
+    a.pop("timing"), b.pop("timing")
+    assert a == b
+
+
+def test_failed_verification_removes_artifact(capsys, tmp_path, monkeypatch):
+    (tmp_path / "mnistmlp").mkdir()
+    (tmp_path / "mnistmlp" / "out.onnx").write_bytes(b"stale")  # an earlier run's file
+
+    def bad_verify(path, names, inputs, expected, device):
+        return {n: {"max_abs": 1.0, "max_rel": 1.0, "ok": False} for n in names}
+
+    monkeypatch.setattr(core, "verify_onnx", bad_verify)
+    code, out, err = run(capsys, "mnistmlp", "--modes", "out", "--out", tmp_path)
+    assert code == 1 and "FAILED out.onnx: logits differ from eager" in err
+    assert not (tmp_path / "mnistmlp" / "out.onnx").exists()
+    assert (tmp_path / "mnistmlp" / "out.pt").exists()
+    assert not list((tmp_path / "mnistmlp").glob(".*.tmp"))
+
+
+def test_interrupted_write_leaves_nothing(tmp_path):
+    target = tmp_path / "x.onnx"
+    with pytest.raises(KeyboardInterrupt):
+        with atomic_path(target) as tmp:
+            tmp.write_bytes(b"half")
+            raise KeyboardInterrupt
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_all_continues_past_a_failure(capsys, tmp_path, monkeypatch):
+    from zoo.backbones.mlp import MNISTMLP
+
+    small = Registry()
+    small.register("tiny-mlp")(lambda num_classes=10: MNISTMLP(784, num_classes, 8))
+
+    def broken(num_classes: int = 10):
+        raise RuntimeError("boom")
+
+    small.register("broken")(broken)
+    monkeypatch.setattr("export.cli.REGISTRY", small)
+    monkeypatch.setattr("export.cli.list_backbones", lambda: small.names())
+    code, out, err = run(capsys, "--all", "--out", tmp_path, "--formats", "onnx")
+    assert code == 1
+    assert "1 exported, 1 failed" in out
+    assert "FAILED: RuntimeError: boom" in out and "tiny-mlp" in out
+    assert (tmp_path / "tiny-mlp" / "full.onnx").exists()
+
+
+@pytest.mark.slow
+def test_all_registered_backbones_export(capsys, tmp_path):
+    code, out, err = run(capsys, "--all", "--out", tmp_path, "--modes", "out", "--formats", "onnx")
+    assert code == 0, out + err
+    assert f"{len(REGISTRY.names())} exported, 0 failed" in out
