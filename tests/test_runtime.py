@@ -1,0 +1,114 @@
+"""OnnxBackbone (the returnt API in onnxruntime) and `python -m export verify`."""
+
+import copy
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from export.cli import main
+from export.runtime import OnnxBackbone
+from tests.conftest import backbone_params, exported
+from tests.test_export import assert_within_bound
+from zoo import RETURNT_MODES
+
+BACKBONES = backbone_params()
+
+
+@pytest.fixture
+def export(name, export_root):
+    return exported(name, export_root)
+
+
+def _flat(out):
+    return [out] if not isinstance(out, (list, tuple)) else list(out)
+
+
+@pytest.mark.parametrize("mode", RETURNT_MODES)
+@pytest.mark.parametrize("name", BACKBONES)
+def test_onnx_backbone_matches_eager(name, mode, export):
+    net, result = export
+    onnx_net = OnnxBackbone(result.directory, threads=2)
+    x = torch.randn(3, *onnx_net.input_shape, generator=torch.Generator().manual_seed(11))
+    with torch.no_grad():
+        want = net(x, returnt=mode)
+    got = onnx_net(x, returnt=mode)
+    assert type(got) is type(want)
+    assert all(isinstance(t, torch.Tensor) for t in _flat(got))
+    for g, w in zip(_flat(got), _flat(want)):
+        assert_within_bound(g.numpy(), w.numpy())
+    got_np = onnx_net(x.numpy(), returnt=mode)
+    assert all(isinstance(t, np.ndarray) for t in _flat(got_np))
+
+
+@pytest.mark.parametrize("name", ["resnet18"])
+def test_onnx_backbone_bad_input(name, export, tmp_path):
+    _, result = export
+    net = OnnxBackbone(result.directory)
+    with pytest.raises(ValueError, match=r"rank 3; expected \[batch, 3x32x32\]"):
+        net(np.zeros((3, 32, 32), np.float32))
+    with pytest.raises(ValueError, match=r"does not fit; expected \[batch, 3x32x32\] \(H, W free\)"):
+        net(np.zeros((1, 1, 32, 32), np.float32))
+    with pytest.raises(TypeError, match="input dtype int64 is not floating point"):
+        net(np.zeros((1, 3, 32, 32), np.int64))
+    with pytest.raises(TypeError, match="numpy array or torch tensor"):
+        net([[1.0]])
+    with pytest.raises(ValueError, match="unknown returnt 'all'"):
+        net(np.zeros((1, 3, 32, 32), np.float32), returnt="all")
+    x = torch.randn(1, 3, 32, 40).transpose(2, 3)  # non-contiguous, H=40 W=32, float32
+    ref = net(x.contiguous())
+    torch.testing.assert_close(net(x), ref)
+    torch.testing.assert_close(net(x.double()), ref, rtol=1e-5, atol=1e-5)  # float64 converted
+    with pytest.raises(FileNotFoundError, match="no manifest.json"):
+        OnnxBackbone(tmp_path)
+    with pytest.raises(ValueError, match="unknown optimization"):
+        OnnxBackbone(result.directory, optimization="max")
+
+
+@pytest.mark.parametrize("name", ["resnet32"])
+def test_onnx_backbone_fixed_size(name, export):
+    _, result = export
+    with pytest.raises(ValueError, match=r"expected \[batch, 3x32x32\]$"):
+        OnnxBackbone(result.directory)(np.zeros((1, 3, 64, 64), np.float32))
+
+
+@pytest.mark.parametrize("name", ["resnet18", "mnistmlp"])
+def test_onnx_backbone_set_params(name, export):
+    net, result = export
+    net = copy.deepcopy(net)
+    onnx_net = OnnxBackbone(result.directory, optimization="basic")
+    x = torch.randn(2, *onnx_net.input_shape, generator=torch.Generator().manual_seed(2))
+    before = onnx_net(x, returnt="full")
+    assert torch.equal(onnx_net.get_params(), net.get_params())
+    new = net.get_params() * 0.9
+    with pytest.raises(ValueError, match="expected"):
+        onnx_net.set_params(new[:-1])
+    onnx_net.set_params(new)
+    net.set_params(new)
+    with torch.no_grad():
+        want = net(x, returnt="full")
+    after = onnx_net(x, returnt="full")
+    assert not torch.allclose(after[-1], before[-1])
+    for g, w in zip(after, want):
+        assert_within_bound(g.numpy(), w.numpy())
+    assert torch.equal(onnx_net.get_params(), new)
+
+
+@pytest.mark.parametrize("name", ["mnistmlp"])
+def test_verify_command(name, export, tmp_path, capsys):
+    _, result = export
+    copy_dir = tmp_path / "copy"
+    shutil.copytree(result.directory, copy_dir)
+    assert main(["verify", str(copy_dir)]) == 0
+    out = capsys.readouterr().out
+    assert "16 passed, 0 failed" in out and "MISMATCH" not in out
+    target = copy_dir / "full.onnx"
+    data = bytearray(target.read_bytes())
+    data[len(data) // 2] ^= 0x01  # one flipped bit in the middle of the weights
+    target.write_bytes(bytes(data))
+    assert main(["verify", str(copy_dir)]) == 1
+    assert "full.onnx: sha256 does not match the manifest" in capsys.readouterr().err
+    (copy_dir / "manifest.json").unlink()
+    assert main(["verify", str(copy_dir)]) == 2
+    assert "no manifest.json" in capsys.readouterr().err
