@@ -5,6 +5,8 @@
     python -m export --all                             # every registered backbone
     python -m export verify artifacts/resnet           # re-check files and numbers
     python -m export params read|write ...             # flat parameter vectors of ONNX files
+    python -m export quantize artifacts/resnet         # int8 ONNX per mode
+    python -m export bench                             # eager vs TorchScript vs onnxruntime
 
 `python -m export BACKBONE --help` lists that backbone's own arguments.
 """
@@ -37,7 +39,8 @@ def _base_parser(add_help: bool) -> argparse.ArgumentParser:
         prog="python -m export", add_help=add_help,
         description="Export a returnt-zoo backbone: one TorchScript and one ONNX file per returnt "
                     "mode, each verified against eager PyTorch, plus manifest.json.",
-        epilog="Subcommands: 'python -m export verify DIR', 'python -m export params --help'. "
+        epilog="Subcommands (each with --help): verify DIR, params read|write, quantize DIR, "
+               "bench. "
                "Examples: python -m export resnet --depth 18; python -m export resnet18 "
                "--num_filters 32 --modes out,features; python -m export --checkpoint run_last.pt",
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -206,10 +209,13 @@ def _table(header: List[str], rows: List[List[str]]) -> str:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    from export.bench import run_bench
     from export.commands import run_params, run_verify
     from export.flat_params import OnnxParamsError
+    from export.quantize import run_quantize
 
-    subcommands = {"verify": run_verify, "params": run_params}
+    subcommands = {"verify": run_verify, "params": run_params, "quantize": run_quantize,
+                   "bench": run_bench}
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         if argv and argv[0] in subcommands:

@@ -1,0 +1,57 @@
+"""Int8 quantization of export directories, and the benchmark's report."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from export.cli import main
+from export.runtime import OnnxBackbone
+from tests.conftest import exported
+
+
+@pytest.mark.parametrize("name", ["mnistmlp"])
+def test_quantize_directory(name, export_root, tmp_path, capsys):
+    net, result = exported(name, export_root)
+    d = tmp_path / "q"
+    shutil.copytree(result.directory, d)
+    calib = np.random.default_rng(0).standard_normal((16, 1, 28, 28)).astype(np.float32)
+    np.save(tmp_path / "calib.npy", calib)
+    assert main(["quantize", str(d), "--calibration", str(tmp_path / "calib.npy"), "--modes", "out,full"]) == 0
+    manifest = json.loads((d / "manifest.json").read_text())
+    assert set(manifest["quantized"]) == {"out", "full"}
+    assert manifest["quantized"]["out"]["calibration"] == "user inputs"
+    assert "out.int8.onnx" in manifest["files"] and (d / "out.int8.onnx").exists()
+    fp32 = OnnxBackbone(d)(calib[:4])
+    import onnxruntime as ort
+
+    int8 = ort.InferenceSession(str(d / "out.int8.onnx")).run(None, {"x": calib[:4]})[0]
+    scale = np.abs(fp32).max()
+    assert np.abs(int8 - fp32).max() < 0.1 * scale  # int8 is close, not equal
+    ops = {n.op_type for n in __import__("onnx").load(str(d / "out.int8.onnx")).graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear"} <= ops
+    assert main(["verify", str(d)]) == 0  # the manifest's hashes cover the int8 files
+    bad = tmp_path / "bad.npy"
+    np.save(bad, calib[:, :, :10])
+    assert main(["quantize", str(d), "--calibration", str(bad)]) == 2
+    assert "expected [N, 1x28x28]" in capsys.readouterr().err
+
+
+def test_bench_report_and_json(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    code = main(["bench", "--backbone", "mnistmlp", "--batches", "1,4", "--seconds", "0.05",
+                 "--train-seconds", "1", "--threads", "1", "--json", str(out)])
+    assert code == 0
+    text = capsys.readouterr().out
+    report = json.loads(out.read_text())
+    runtimes = {r["runtime"] for r in report["results"]}
+    assert {"eager", "torchscript-frozen", "ort-fp32", "ort-int8"} <= runtimes
+    assert {r["batch"] for r in report["results"]} == {1, 4}
+    assert report["flops_per_image"] > 2 * 784 * 100  # counted, not typed
+    for r in report["results"]:
+        assert r["median_ms"] > 0 and r["p90_ms"] >= r["median_ms"] and r["images_per_s"] > 0
+    acc = report["int8_accuracy_digits"]
+    assert acc["fp32_accuracy"] > 0.5, "the digits model did not learn"
+    assert 0 <= acc["top1_agreement"] <= 1
+    assert "ort-int8" in text and "vs eager" in text and "int8 on a trained model" in text
