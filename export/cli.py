@@ -26,10 +26,6 @@ from zoo.base import RETURNT_MODES
 from zoo.registry import REGISTRY, BackboneEntry, get_entry, list_backbones, normalise_name
 from zoo.weights import CheckpointError, load_state_dict_strict
 
-#: values `--all` uses for arguments the registry marks required
-ALL_DEFAULTS: Dict[str, Dict[str, Any]] = {"resnet": {"depth": 18}}
-
-
 class CliError(Exception):
     """A one-line user error: printed as `error: ...`, exit status 2."""
 
@@ -109,7 +105,7 @@ def _build(name: str, argv: Sequence[str], ckpt: Optional[Checkpoint], seed: int
     missing = [a for a in entry.args if a.required and a.name not in kwargs]
     if missing:
         a = missing[0]
-        example = ALL_DEFAULTS.get(entry.name, {}).get(a.name, "...")
+        example = entry.example.get(a.name, "...")
         raise CliError(f"backbone {entry.name!r} needs {a.flag} ({a.type.__name__}); e.g. "
                        f"python -m export {entry.name} {a.flag} {example}  or  "
                        f"make export BACKBONE={entry.name} ARGS='{a.flag} {example}'")
@@ -189,7 +185,7 @@ def run_all(opts) -> int:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", UserWarning)  # pretrained variants, no weights
                 torch.manual_seed(opts.seed)
-                net = REGISTRY.build(name, **ALL_DEFAULTS.get(name, {}))
+                net = REGISTRY.build(name, **REGISTRY.entry(name).example)
             result = _export(net, opts.out / name, opts, _source(None, opts.seed))
             status = "ok" if result.ok else "FAILED: " + "; ".join(result.failures)
             err = f"{result.max_error():.1e}"

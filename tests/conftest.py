@@ -20,7 +20,7 @@ def build_small(name: str) -> Tuple[Any, Tuple[int, ...]]:
     torch.manual_seed(0)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # pretrained variants without weights
-        net = get_backbone(name, **case.kwargs)
+        net = case.build() if case.build else get_backbone(name, **case.kwargs)
     randomise_bn(net)
     return net.eval(), case.input_shape or tuple(net.input_shape)
 

@@ -28,9 +28,9 @@ def test_contract_all_modes(built):
     assert isinstance(full, list) and len(full) == len(net.stages) + 2
     assert torch.equal(full[-1], out) and torch.equal(full[-2], feats)
     for tensor, stage in zip(full, net.stages):
-        assert tensor.shape[0] == 2 and tensor.shape[1] == stage.channels, stage
+        assert tensor.shape[0] == 2 and tensor.shape[stage.channel_dim] == stage.channels, stage
     assert net.output_names()[-2:] == ["features", "logits"]
-    assert torch.equal(net.features(x), feats)
+    torch.testing.assert_close(net.features(x), feats)
 
 
 @pytest.mark.parametrize("bad", ["all", "OUT", ""])
@@ -94,7 +94,7 @@ def test_grads(built):
         net.get_grads()
     net.train()
     try:
-        net(x).square().sum().backward()
+        (net(x) - 1).square().sum().backward()  # not net(x)**2: some heads start at zero
     finally:
         net.eval()
     g = net.get_grads()

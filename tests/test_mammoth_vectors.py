@@ -6,6 +6,7 @@ import torch
 from tests.conftest import VECTORS, load_vector, vector_files
 from zoo import get_backbone, list_backbones
 from zoo.backbones.resnet import BasicBlock, ResNet
+from zoo.backbones.vit import VisionTransformer
 
 FILES = vector_files()
 
@@ -19,6 +20,8 @@ def build_for_vector(data):
     name, kwargs = data["backbone"], dict(data["kwargs"])
     if "built_via" in data and name == "resnet18-spr":  # the SPR code path at nf=8
         return ResNet(BasicBlock, [2, 2, 2, 2], kwargs["num_classes"], kwargs["nf"], stem="imagenet")
+    if "built_via" in data and name == "vit":  # timm's builder at tiny dimensions
+        return VisionTransformer(**kwargs)
     if name not in list_backbones():
         pytest.skip(f"{name} not registered yet (see tests/cases.py KNOWN_EXCEPTIONS)")
     return get_backbone(name, **kwargs)
@@ -32,8 +35,6 @@ def test_vectors_are_present():
 @pytest.mark.parametrize("path", FILES, ids=[p.name for p in FILES])
 def test_reproduces_mammoth(path):
     data = load_vector(path)
-    if "built_via" in data and data["backbone"] == "vit":
-        pytest.skip("tiny ViT vector: vit arrives with issue 7")
     net = build_for_vector(data)
     net.load_state_dict(data["state_dict"], strict=True)
     net.eval()

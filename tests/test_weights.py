@@ -118,3 +118,37 @@ def test_zoo_list_unknown_pattern():
     proc = subprocess.run([sys.executable, "-m", "zoo", "list", "nothing*"], capture_output=True,
                           text=True, cwd=REPO)
     assert proc.returncode == 2 and "no backbone matches" in proc.stderr
+
+
+def test_unknown_efficientnet_type_lists_valid_ones():
+    with pytest.raises(ValueError, match=r"'efficientnet_type' must be one of \['b0', 'b1'.*'l2'\], got 'b9'"):
+        get_backbone("efficientnet", efficientnet_type="b9")
+
+
+def test_torchvision_name_without_classifier_or_unknown():
+    with pytest.raises(ValueError, match="'fcn_resnet50' is not a torchvision classification model"):
+        get_backbone("tv", model="fcn_resnet50")
+    with pytest.raises(ValueError, match="did you mean: resnet18"):
+        get_backbone("tv", model="resnet81")
+
+
+def test_weights_file_for_another_architecture(tmp_path):
+    import torchvision
+
+    torch.save(torchvision.models.resnet18(weights=None).state_dict(), tmp_path / "r18.pth")
+    with pytest.raises(CheckpointError, match=r"does not fit backbone 'MobileNetV3'|missing keys \(\d+\): features"):
+        get_backbone("tv-mobilenet-v3-small", weights=str(tmp_path / "r18.pth"))
+    with pytest.raises(CheckpointError, match=r"missing keys \(\d+\): _conv_stem.weight"):
+        get_backbone("efficientnet", efficientnet_type="b0", weights=str(tmp_path / "r18.pth"))
+
+
+def test_torchvision_weights_file_for_tv_backbone(tmp_path):
+    import torchvision
+
+    tv = torchvision.models.mobilenet_v3_small(weights=None, num_classes=10)
+    torch.save(tv.state_dict(), tmp_path / "m.pth")
+    net = get_backbone("tv-mobilenet-v3-small", weights=str(tmp_path / "m.pth")).eval()
+    tv.eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(net(x), tv(x))

@@ -11,10 +11,8 @@ from zoo.registry import get_backbone, get_entry, list_backbones
 def describe(name: str) -> str:
     """One block per backbone: arguments (type, default/required), input shape, #params."""
     entry = get_entry(name)
-    kwargs = {a.name: 10 if a.name == "num_classes" else a.default for a in entry.args if not a.required}
-    for a in entry.args:  # required arguments: the smallest sensible example value
-        if a.required:
-            kwargs[a.name] = a.choices[0] if a.choices else {"depth": 18}.get(a.name, 1)
+    kwargs = {a.name: a.default for a in entry.args if not a.required}
+    kwargs.update(entry.example)  # required arguments: the registered example values
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # pretrained variants warn about missing weights
         net = get_backbone(name, **kwargs)

@@ -1,9 +1,10 @@
 """`MammothBackbone`: the returnt contract (SPEC §1) and flat parameter vectors.
 
-A backbone implements three fixed-type pieces, each scriptable on its own:
-`forward_stages(x) -> List[Tensor]`, `forward_pool(last_stage) -> features` and
-`forward_head(features) -> logits`. The string-driven `forward(x, returnt)` and the fixed-mode
-export heads (`zoo.heads`) are both built from those three, so they cannot disagree.
+Everything is built on one typed, scriptable method, `forward_full(x) -> List[Tensor]`
+(`[stage_0..stage_k, features, logits]`): the string-driven `forward(x, returnt)` and the
+fixed-mode export heads (`zoo.heads`) both select from it, so they cannot disagree. Native
+backbones implement it as three pieces: `forward_stages(x)`, `forward_pool(last_stage)` and
+`forward_head(features)`.
 """
 
 
@@ -24,6 +25,7 @@ class Stage:
 
     name: str
     channels: int
+    channel_dim: int = 1  # -1 for token sequences [B, N, C]
 
 
 def check_returnt(returnt: str) -> str:
@@ -71,15 +73,14 @@ class MammothBackbone(nn.Module):
             raise ValueError(
                 "unknown returnt '" + returnt + "'; allowed: out, features, both, full"
             )
+        outs = self.forward_full(x)
         if returnt == "full":
-            return self.forward_full(x)
-        features = self.forward_pool(self.forward_stages(x)[-1])
+            return outs
         if returnt == "features":
-            return features
-        logits = self.forward_head(features)
+            return outs[-2]
         if returnt == "both":
-            return logits, features
-        return logits
+            return outs[-1], outs[-2]
+        return outs[-1]
 
     def features(self, x: Tensor) -> Tensor:
         """The vector right before the classifier."""

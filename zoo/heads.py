@@ -106,23 +106,22 @@ class OutHead(ExportHead):
     mode = "out"
 
     def forward(self, x: Tensor) -> Tensor:
-        features = self.backbone.forward_pool(self.backbone.forward_stages(x)[-1])
-        return self.backbone.forward_head(features)
+        return self.backbone.forward_full(x)[-1]
 
 
 class FeaturesHead(ExportHead):
     mode = "features"
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.backbone.forward_pool(self.backbone.forward_stages(x)[-1])
+        return self.backbone.forward_full(x)[-2]
 
 
 class BothHead(ExportHead):
     mode = "both"
 
     def forward(self, x: Tensor) -> Tuple[Tensor, Tensor]:
-        features = self.backbone.forward_pool(self.backbone.forward_stages(x)[-1])
-        return self.backbone.forward_head(features), features
+        outs = self.backbone.forward_full(x)
+        return outs[-1], outs[-2]
 
 
 class FullHead(ExportHead):

@@ -114,6 +114,8 @@ class BackboneEntry:
     builder: Callable[..., Any]
     args: Tuple[ArgSpec, ...]
     doc: str = ""
+    #: values for required arguments in examples, `--all` and `python -m zoo list`
+    example: Dict[str, Any] = field(default_factory=dict)
 
     def arg(self, name: str) -> ArgSpec:
         for spec in self.args:
@@ -190,15 +192,24 @@ class Registry:
 
     entries: Dict[str, BackboneEntry] = field(default_factory=dict)
 
-    def register(self, name: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-        """Decorator: register a builder function or a backbone class under `name`."""
+    def register(self, name: str, example: Optional[Dict[str, Any]] = None
+                 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+        """Decorator: register a builder function or a backbone class under `name`.
+
+        `example` gives a value for each required argument, used in messages and `--all`.
+        """
         key = normalise_name(name)
 
         def decorate(builder: Callable[..., Any]) -> Callable[..., Any]:
             if key in self.entries:
                 raise ValueError(f"backbone {key!r} is already registered")
             doc = inspect.getdoc(builder) or ""
-            self.entries[key] = BackboneEntry(key, builder, infer_args(builder), doc)
+            args = infer_args(builder)
+            examples = dict(example or {})
+            for a in args:  # a Literal's first choice is a fine example
+                if a.required and a.name not in examples and a.choices:
+                    examples[a.name] = a.choices[0]
+            self.entries[key] = BackboneEntry(key, builder, args, doc, examples)
             return builder
 
         return decorate
@@ -269,9 +280,10 @@ class Registry:
 REGISTRY = Registry()
 
 
-def register_backbone(name: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+def register_backbone(name: str, example: Optional[Dict[str, Any]] = None
+                      ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Register a builder (function or `MammothBackbone` subclass) in the default registry."""
-    return REGISTRY.register(name)
+    return REGISTRY.register(name, example)
 
 
 def get_entry(name: str) -> BackboneEntry:

@@ -11,7 +11,7 @@ import pickle
 import re
 import warnings
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterable, Mapping, Optional
+from typing import Any, Callable, Dict, Iterable, Mapping, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -21,7 +21,7 @@ __all__ = [
     "UnsafeCheckpointError",
     "load_file",
     "load_state_dict_strict",
-    "load_torchvision_weights",
+    "load_pretrained",
     "warn_random_weights",
 ]
 
@@ -100,24 +100,33 @@ def load_state_dict_strict(net: nn.Module, state_dict: Mapping[str, Any], what: 
     net.load_state_dict(state_dict, strict=True)
 
 
-def load_torchvision_weights(
+def load_pretrained(
     net: nn.Module,
     path: str | Path,
     rename: Optional[Callable[[str], Optional[str]]] = None,
+    head: Optional[Tuple[str, str]] = None,
 ) -> None:
-    """Load a torchvision ImageNet weights file as Mammoth does: `fc` dropped, keys renamed
-    by `rename` (None drops a key); everything but the classifier must match."""
+    """Load a pretrained (e.g. ImageNet) weights file the way Mammoth does.
+
+    `rename` maps each file key to ours (None drops it). `head` = (prefix in the file, prefix in
+    `net`) of the classifier: used when its shapes fit, else `net`'s own (random) classifier is
+    kept, as for a new number of classes. Everything else must match exactly.
+    """
     raw = load_file(path)
     if not isinstance(raw, Mapping):
         raise CheckpointError(f"{path}: expected a state_dict, found {type(raw).__name__}")
+    current = net.state_dict()
     state: Dict[str, Any] = {}
     for key, value in raw.items():
-        new = rename(key) if rename else (None if key.startswith("fc.") else key)
+        if head and key.startswith(head[0]):
+            key = head[1] + key[len(head[0]):]
+            if key not in current or tuple(current[key].shape) != tuple(value.shape):
+                continue
+        new = rename(key) if rename else key
         if new is not None:
             state[new] = value
-    current = net.state_dict()
     for key, value in current.items():  # the classifier is new: keep the random one
-        if key.startswith("classifier") or key.startswith("head."):
+        if key.startswith("classifier.") or (head and key.startswith(head[1])):
             state.setdefault(key, value)
     load_state_dict_strict(net, state, what=f"weights file {str(path)!r}")
 

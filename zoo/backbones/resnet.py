@@ -13,7 +13,7 @@ from torch import Tensor, nn
 
 from zoo.base import MammothBackbone, Stage
 from zoo.registry import register_backbone
-from zoo.weights import load_torchvision_weights, warn_random_weights
+from zoo.weights import load_pretrained, warn_random_weights
 
 
 def conv3x3(in_planes: int, out_planes: int, stride: int = 1) -> nn.Conv2d:
@@ -176,6 +176,11 @@ class ResNet(MammothBackbone):
         return self.classifier(features)
 
 
+def _drop_fc(key: str) -> Optional[str]:
+    """Mammoth drops torchvision's `fc` (its classifier is `classifier`)."""
+    return None if key.startswith("fc.") else key
+
+
 def _torchvision_basic_rename(key: str) -> Optional[str]:
     """Mammoth's renaming of torchvision ResNet-18 keys: `downsample`->`shortcut`, `fc` dropped."""
     if key.startswith("fc."):
@@ -185,7 +190,7 @@ def _torchvision_basic_rename(key: str) -> Optional[str]:
 
 def _with_weights(net: "ResNet", name: str, weights: str, pretrained: bool, source: str, rename) -> "ResNet":
     if weights:
-        load_torchvision_weights(net, weights, rename)
+        load_pretrained(net, weights, rename)
     elif pretrained:
         warn_random_weights(name, source)
     return net
@@ -238,7 +243,7 @@ def resnet50(num_classes: int, pretrained: bool = False, weights: str = "") -> R
                  input_shape=(3, 224, 224))
     _init_like_torchvision(net)
     return _with_weights(net, "resnet50", weights, pretrained,
-                         "torchvision's resnet50 ImageNet weights", None)
+                         "torchvision's resnet50 ImageNet weights", _drop_fc)
 
 
 @register_backbone("resnet50-pt")
@@ -252,7 +257,7 @@ _DEPTHS = {18: (BasicBlock, [2, 2, 2, 2]), 34: (BasicBlock, [3, 4, 6, 3]),
            152: (Bottleneck, [3, 8, 36, 3])}
 
 
-@register_backbone("resnet")
+@register_backbone("resnet", example={"depth": 18})
 def resnet(depth: int, width: int = 1, num_classes: int = 10) -> ResNet:
     """Mammoth-style CIFAR ResNet of any standard depth; `num_filters = 64 * width`."""
     if depth not in _DEPTHS:
