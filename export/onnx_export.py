@@ -58,6 +58,25 @@ def _rename_outputs(graph: ir.Graph, names: List[str]) -> None:
         used.add(name)
 
 
+def _consumed(model: ir.Model) -> set:
+    return {v.name for node in model.graph for v in node.inputs if v is not None}
+
+
+def _keep_parameters_as_is(param_names: set):
+    """A `should_fold` rule: never fold a node that reads a parameter's values (that would bake
+    the parameter into a new constant, e.g. a transposed Linear weight), only its shape/type."""
+    shape_only = {"Shape", "Size", "CastLike"}
+
+    def should_fold(node: ir.Node):
+        if node.op_type in shape_only:
+            return None
+        if any(v is not None and v.name in param_names for v in node.inputs):
+            return False
+        return None
+
+    return should_fold
+
+
 def _parameter_aliases(net: MammothBackbone, prefix: str) -> Dict[str, List[str]]:
     """Eager name (first, as parameters() sees it) -> every name the parameter has."""
     by_id: Dict[int, List[str]] = {}
@@ -104,10 +123,15 @@ def export_onnx(net: MammothBackbone, input_shape: Tuple[int, ...], opset: Optio
             verbose=False, report=False,
         )
     model = program.model
-    optimizer.fold_constants(model)
-    optimizer.remove_unused_nodes(model)
-    _rename_outputs(model.graph, full_names)
     prefix = "backbone."
+    param_names = {a for aliases in _parameter_aliases(net, prefix).values() for a in aliases}
+    consumed = _consumed(model) & param_names
+    optimizer.fold_constants(model, should_fold=_keep_parameters_as_is(param_names))
+    optimizer.remove_unused_nodes(model)
+    lost = consumed - _consumed(model)
+    if lost:  # a parameter was folded into another constant: flat vectors could not reach it
+        raise RuntimeError(f"ONNX optimisation folded parameters away: {sorted(lost)[:5]}")
+    _rename_outputs(model.graph, full_names)
     mapping = _keep_all_parameters(model, net, prefix)
     full_proto = ir.serde.serialize_model(model)
     models: Dict[str, onnx.ModelProto] = {}

@@ -38,12 +38,10 @@ CASES: Dict[str, Case] = {
     "vit": Case(build=_tiny_vit),  # full size: test_all_registered_backbones_export (slow)
     "tv": Case({"model": "mobilenet_v3_small"}, input_shape=(3, 64, 64)),
     "tv-resnet18": Case(input_shape=(3, 64, 64)),
-    "tv-resnet50": Case(input_shape=(3, 64, 64), slow=True),
     "tv-mobilenet-v3-small": Case(input_shape=(3, 64, 64)),
     "tv-mobilenet-v3-large": Case(input_shape=(3, 64, 64)),
     "tv-efficientnet-b0": Case(input_shape=(3, 64, 64)),
     "tv-convnext-tiny": Case(input_shape=(3, 64, 64), slow=True),
-    "tv-vit-b-16": Case(slow=True),
 }
 
 

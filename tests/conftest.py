@@ -38,10 +38,12 @@ def randomise_bn(net: torch.nn.Module, seed: int = 1) -> None:
                 m.bias.copy_(torch.randn(c, generator=gen) * 0.1)
 
 
-def backbone_params(marks_slow: bool = True):
-    """pytest params over the registry, slow ones marked."""
+def backbone_params():
+    """pytest params over the registry, slow ones marked. All tests of one backbone form one
+    xdist group (`--dist loadgroup`), so each backbone is exported once per run."""
     return [
-        pytest.param(n, marks=[pytest.mark.slow] if case_for(n).slow and marks_slow else [], id=n)
+        pytest.param(n, id=n, marks=[pytest.mark.xdist_group(f"backbone-{n}")]
+                     + ([pytest.mark.slow] if case_for(n).slow else []))
         for n in list_backbones()
     ]
 
@@ -72,14 +74,3 @@ def exported(name: str, root: Path):
 @pytest.fixture(scope="session")
 def export_root(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("exports")
-
-
-@pytest.hookimpl(tryfirst=True)  # before xdist reads the groups
-def pytest_collection_modifyitems(config, items):
-    """Tests of one backbone's exports run on one xdist worker (`--dist loadgroup`), so each
-    backbone is exported once per run, not once per worker."""
-    for item in items:
-        callspec = getattr(item, "callspec", None)
-        name = callspec.params.get("name") if callspec else None
-        if name is not None and "export" in item.fixturenames:
-            item.add_marker(pytest.mark.xdist_group(f"export-{name}"))

@@ -18,15 +18,14 @@ from zoo.base import MammothBackbone, Stage
 from zoo.registry import register_backbone
 from zoo.weights import load_pretrained
 
-#: registered name -> torchvision builder, one or two per family
+#: registered name -> torchvision builder: the small member of each convolutional family.
+#: Every other classifier (ViT included: vit_b_16 is torchvision's smallest) is `tv --model NAME`.
 FAMILIES: Dict[str, str] = {
     "tv-resnet18": "resnet18",
-    "tv-resnet50": "resnet50",
     "tv-mobilenet-v3-small": "mobilenet_v3_small",
     "tv-mobilenet-v3-large": "mobilenet_v3_large",
     "tv-efficientnet-b0": "efficientnet_b0",
     "tv-convnext-tiny": "convnext_tiny",
-    "tv-vit-b-16": "vit_b_16",
 }
 
 
@@ -77,8 +76,13 @@ class TorchvisionBackbone(MammothBackbone):
         names = [f"stage_{i}" for i in range(len(stage_nodes))] + ["features", "logits"]
         self.output_keys: List[str] = names
         net.eval()
-        self.model = create_feature_extractor(
+        extractor = create_feature_extractor(
             net, return_nodes=dict(zip(stage_nodes + [features_node, classifier], names)))
+        # A plain GraphModule of the eval graph: torchvision's train/eval DualGraphModule loses
+        # its mode on deepcopy (it comes back in training mode with the train graph). Modules
+        # (BatchNorm, Dropout) still follow .train()/.eval(); Python-level `if self.training`
+        # branches (stochastic depth) are those of eval.
+        self.model = torch.fx.GraphModule(extractor, extractor.eval_graph, class_name=model)
         self.input_shape: Tuple[int, ...] = (3, 224, 224)
         self.dynamic_hw = not hasattr(net, "encoder")  # ViT: the position embedding fixes H, W
         self.feature_dim = dict(net.named_modules())[classifier].in_features
