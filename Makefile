@@ -6,10 +6,9 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 BACKBONE ?= resnet
 ARGS ?=
-# `resnet` keeps `depth` required in the registry (as the seed shows); `make export` defaults it
-# to 18 (ResNet-18) unless ARGS names a depth: make export BACKBONE=resnet ARGS="--depth 50"
-DEPTH ?= 18
-BACKBONE_ARGS = $(if $(filter resnet,$(BACKBONE)),$(if $(findstring --depth,$(ARGS)),,--depth $(DEPTH)))
+# Required backbone arguments stay required in the registry (resnet's depth, as the seed shows);
+# `make export` fills those not given in ARGS with the registry's examples (--example-args:
+# resnet -> --depth 18, i.e. ResNet-18). Override: make export BACKBONE=resnet ARGS="--depth 50"
 OUT ?= artifacts
 PYTEST_ARGS ?=
 
@@ -30,7 +29,7 @@ test: $(STAMP)  ## run the whole test suite
 	$(PY) -m pytest -n 2 --dist loadgroup $(PYTEST_ARGS)
 
 export: $(STAMP)  ## export one backbone: make export BACKBONE=resnet [ARGS="--depth 34"]
-	$(PY) -m export $(BACKBONE) --out $(OUT) $(BACKBONE_ARGS) $(ARGS)
+	$(PY) -m export $(BACKBONE) --example-args --out $(OUT) $(ARGS)
 
 export-all: $(STAMP)  ## export every registered backbone
 	$(PY) -m export --all --out $(OUT) $(ARGS)

@@ -62,15 +62,21 @@ def _base_parser(add_help: bool) -> argparse.ArgumentParser:
                         "onnxruntime provider (cpu, cuda)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random weights when no "
                         "checkpoint is given (default: %(default)s)")
+    parser.add_argument("--example-args", action="store_true",
+                        help="fill required backbone arguments that are not given with the "
+                             "registry's example values (resnet: --depth 18); `make export` uses it")
     return parser
 
 
 def dir_name(entry: BackboneEntry, kwargs: Dict[str, Any]) -> str:
-    """`resnet18`, or `resnet18-num_filters8` when arguments differ from their defaults."""
-    tag = [f"{a.name}{kwargs[a.name]}" for a in entry.args
-           if not a.required and a.name in kwargs and kwargs[a.name] != a.default
-           and a.name != "weights"]
-    return "-".join([entry.name] + [t.replace("/", "_") for t in tag])
+    """`resnet18`, or `resnet18-num_filters8` when arguments differ from their defaults (for a
+    required argument: from the registry's example, so `resnet --depth 18` is `resnet`)."""
+    tag = []
+    for a in entry.args:
+        usual = entry.example.get(a.name) if a.required else a.default
+        if a.name in kwargs and kwargs[a.name] != usual and a.name != "weights":
+            tag.append(f"{a.name}{kwargs[a.name]}".replace("/", "_"))
+    return "-".join([entry.name] + tag)
 
 
 def _parse_shape(text: Optional[str]) -> Optional[tuple]:
@@ -90,7 +96,8 @@ def _args_from_checkpoint(entry: BackboneEntry, ckpt: Checkpoint) -> Dict[str, A
             if a.name in ckpt.args and ckpt.args[a.name] is not None}
 
 
-def _build(name: str, argv: Sequence[str], ckpt: Optional[Checkpoint], seed: int):
+def _build(name: str, argv: Sequence[str], ckpt: Optional[Checkpoint], seed: int,
+           use_examples: bool = False):
     """Parse the backbone's own options (registry-inferred) and build it."""
     entry = get_entry(name)
     parser = _base_parser(add_help=True)
@@ -102,6 +109,10 @@ def _build(name: str, argv: Sequence[str], ckpt: Optional[Checkpoint], seed: int
     for a in entry.args:
         if a.name not in kwargs and not a.required:
             kwargs[a.name] = getattr(ns, a.name)
+        elif a.name not in kwargs and use_examples and a.name in entry.example:
+            kwargs[a.name] = entry.example[a.name]
+            print(f"note: {a.flag} not given, using the example value {entry.example[a.name]!r}",
+                  file=sys.stderr)
     missing = [a for a in entry.args if a.required and a.name not in kwargs]
     if missing:
         a = missing[0]
@@ -145,7 +156,7 @@ def run_export(argv: Sequence[str]) -> int:
         get_entry(name)
     except KeyError as exc:
         raise CliError(exc.args[0]) from None
-    entry, net, kwargs = _build(name, argv, ckpt, first.seed)
+    entry, net, kwargs = _build(name, argv, ckpt, first.seed, first.example_args)
     if ckpt:
         load_state_dict_strict(net, ckpt.state_dict, what=f"checkpoint {str(ckpt.path)!r}")
     out_dir = first.out / (first.name or dir_name(entry, kwargs))

@@ -164,3 +164,31 @@ def test_all_registered_backbones_export(capsys, tmp_path):
     code, out, err = run(capsys, "--all", "--out", tmp_path, "--modes", "out", "--formats", "onnx")
     assert code == 0, out + err
     assert f"{len(REGISTRY.names())} exported, 0 failed" in out
+
+
+def test_example_args_fill_required_ones(capsys, tmp_path):
+    code, _, err = run(capsys, "resnet", "--example-args", "--formats", "onnx", "--modes", "out",
+                       "--out", tmp_path)
+    assert code == 0, err
+    assert "note: --depth not given, using the example value 18" in err
+    manifest = json.loads((tmp_path / "resnet" / "manifest.json").read_text())
+    assert manifest["backbone"]["args"] == {"depth": 18, "width": 1, "num_classes": 10}
+
+
+def test_mammoth_checkpoint_wrappers():
+    from export.checkpoint import backbone_state_from_model
+
+    t = torch.zeros(1)
+    model = {"net.module.conv1.weight": t, "module.net.bn1.bias": t, "wrappee.net.fc.weight": t,
+             "old_net.conv1.weight": t, "buffer_examples": t}
+    assert sorted(backbone_state_from_model(model)) == ["bn1.bias", "conv1.weight", "fc.weight"]
+
+
+def test_directory_names():
+    from export.cli import dir_name
+    from zoo import get_entry
+
+    assert dir_name(get_entry("resnet"), {"depth": 18, "width": 1, "num_classes": 10}) == "resnet"
+    assert dir_name(get_entry("resnet"), {"depth": 34, "width": 1, "num_classes": 10}) == "resnet-depth34"
+    assert dir_name(get_entry("resnet18"), {"num_classes": 10, "num_filters": 8}) == "resnet18-num_filters8"
+    assert dir_name(get_entry("resnet50-pt"), {"num_classes": 10, "weights": "/a/b.pth"}) == "resnet50-pt"
