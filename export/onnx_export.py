@@ -20,6 +20,10 @@ from onnxscript import optimizer
 from zoo.base import MammothBackbone
 from zoo.heads import make_head
 
+#: protobuf cannot serialise more than 2 GiB in one message
+ONNX_SINGLE_FILE_LIMIT = 2**31 - 2**26
+
+
 def mode_outputs(full_names: List[str]) -> Dict[str, List[str]]:
     """Output names of each mode's graph, all taken from the 'full' graph's outputs."""
     return {"out": ["logits"], "features": ["features"], "both": ["logits", "features"],
@@ -112,6 +116,11 @@ def _keep_all_parameters(model: ir.Model, net: MammothBackbone, prefix: str) -> 
 def export_onnx(net: MammothBackbone, input_shape: Tuple[int, ...], opset: Optional[int] = None,
                 device: str = "cpu") -> OnnxExport:
     """Export `net` (in eval) once and derive the four mode graphs."""
+    size = sum(t.numel() * t.element_size() for t in net.state_dict().values())
+    if size >= ONNX_SINGLE_FILE_LIMIT:
+        raise ValueError(f"{getattr(net, 'registry_name', type(net).__name__)}: {size / 2**30:.1f} GiB "
+                         "of weights; self-contained ONNX files stop at 2 GiB and external-data "
+                         "export is not supported yet (use --formats torchscript)")
     head = make_head(net, "full")
     example = torch.randn(2, *input_shape, device=device)
     full_names = net.output_names()

@@ -192,3 +192,10 @@ def test_directory_names():
     assert dir_name(get_entry("resnet"), {"depth": 34, "width": 1, "num_classes": 10}) == "resnet-depth34"
     assert dir_name(get_entry("resnet18"), {"num_classes": 10, "num_filters": 8}) == "resnet18-num_filters8"
     assert dir_name(get_entry("resnet50-pt"), {"num_classes": 10, "weights": "/a/b.pth"}) == "resnet50-pt"
+
+
+def test_onnx_over_two_gib_refused_clearly(capsys, tmp_path, monkeypatch):
+    monkeypatch.setattr("export.onnx_export.ONNX_SINGLE_FILE_LIMIT", 1000)
+    code, _, err = run(capsys, "mnistmlp", "--formats", "onnx", "--out", tmp_path)
+    assert code == 2 and "external-data export is not supported yet (use --formats torchscript)" in err
+    assert not list(tmp_path.rglob("*.onnx"))
