@@ -39,11 +39,6 @@ class ExportHead(nn.Module):
         self.flat_params: List[Tensor] = [p for p in backbone.parameters()]
         self.num_params: int = sum(p.numel() for p in self.flat_params)
 
-    def output_names(self) -> List[str]:
-        names = self.backbone.output_names()
-        return {"out": ["logits"], "features": ["features"], "both": ["logits", "features"],
-                "full": names}[self.mode]
-
     def _check(self, v: Tensor, what: str) -> None:
         if v.dim() != 1:
             raise ValueError(what + ": expected a 1-D vector of " + str(self.num_params)
