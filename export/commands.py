@@ -35,9 +35,14 @@ def eager_from_artifacts(directory: Path, manifest: Dict[str, Any]) -> torch.nn.
     backbone = manifest["backbone"]
     import warnings
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
-        net = get_backbone(backbone["name"], **{k: v for k, v in backbone["args"].items() if k != "weights"})
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # pretrained variants: weights follow
+            net = get_backbone(backbone["name"],
+                               **{k: v for k, v in backbone["args"].items() if k != "weights"})
+    except KeyError:
+        raise VerifyError(f"{directory}: backbone {backbone['name']!r} is not registered, so the "
+                          "eager reference cannot be rebuilt") from None
     ts_files = sorted(n for n in manifest["files"] if n.endswith(".pt"))
     if ts_files:
         state = load_torchscript(directory / ts_files[0]).state_dict()
@@ -47,7 +52,8 @@ def eager_from_artifacts(directory: Path, manifest: Dict[str, Any]) -> torch.nn.
         import onnx
         from onnx import numpy_helper
 
-        onnx_file = directory / sorted(n for n in manifest["files"] if n.endswith(".onnx"))[0]
+        fp32 = [f"{m}.onnx" for m in manifest["modes"] if f"{m}.onnx" in manifest["files"]]
+        onnx_file = directory / fp32[0]  # int8 files do not hold the parameters
         net.set_params(read_onnx_params(onnx_file, manifest))
         inits = {t.name: t for t in onnx.load(str(onnx_file)).graph.initializer}
         for name, buf in net.named_buffers():

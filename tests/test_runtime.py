@@ -1,6 +1,7 @@
 """OnnxBackbone (the returnt API in onnxruntime) and `python -m export verify`."""
 
 import copy
+import json
 import shutil
 
 import numpy as np
@@ -112,3 +113,23 @@ def test_verify_command(name, export, tmp_path, capsys):
     (copy_dir / "manifest.json").unlink()
     assert main(["verify", str(copy_dir)]) == 2
     assert "no manifest.json" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", ["mnistmlp"])
+def test_verify_onnx_only_directory(name, export, tmp_path, capsys):
+    """Without TorchScript files the eager reference is rebuilt from the ONNX parameters."""
+    _, result = export
+    d = tmp_path / "onnx-only"
+    d.mkdir()
+    manifest = json.loads((result.directory / "manifest.json").read_text())
+    for mode in RETURNT_MODES:
+        shutil.copy(result.directory / f"{mode}.onnx", d)
+        manifest["files"].pop(f"{mode}.pt")
+    (d / "manifest.json").write_text(json.dumps(manifest))
+    assert main(["quantize", str(d), "--modes", "out"]) == 0
+    assert main(["verify", str(d)]) == 0
+    assert "8 passed, 0 failed" in capsys.readouterr().out
+    manifest["backbone"]["name"] = "not-a-backbone"
+    (d / "manifest.json").write_text(json.dumps(manifest))
+    assert main(["verify", str(d)]) == 1
+    assert "'not-a-backbone' is not registered" in capsys.readouterr().err
