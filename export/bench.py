@@ -15,7 +15,7 @@ import tempfile
 import time
 import warnings
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Sequence
 
 import numpy as np
 import torch
@@ -34,16 +34,6 @@ def flops_per_image(net: torch.nn.Module, input_shape: Sequence[int]) -> float:
     with counter, torch.no_grad():
         net(torch.zeros(1, *input_shape))
     return float(counter.get_total_flops())
-
-
-def _session(path: Path, threads: int):
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    options.log_severity_level = 3
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
 def time_call(fn: Callable[[], Any], seconds: float, warmup: int = 3, min_runs: int = 5,
@@ -85,7 +75,7 @@ def _matmul_gflops(threads: int, n: int, seconds: float) -> Dict[str, float]:
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "mm.onnx"
         onnx.save(model, str(path))
-        session = _session(path, threads)
+        session = ort_session(path, threads=threads)
         ort_best = min(time_call(lambda: session.run(None, {"a": a, "b": a}), seconds))
     return {"torch_gflops": flops / torch_best / 1e9, "onnxruntime_gflops": flops / ort_best / 1e9}
 
@@ -179,7 +169,8 @@ def run_bench(argv: Sequence[str]) -> int:
         with warnings.catch_warnings():  # deprecated in torch 2.14, still what TorchScript users run
             warnings.filterwarnings("ignore", message=r"`torch\.jit\.freeze` is deprecated")
             frozen = torch.jit.freeze(load_torchscript(result.directory / "out.pt").eval())
-        fp32_session, int8_session = _session(onnx_path, args.threads), _session(int8_path, args.threads)
+        fp32_session = ort_session(onnx_path, threads=args.threads)
+        int8_session = ort_session(int8_path, threads=args.threads)
         runtimes: Dict[str, Callable[[np.ndarray, torch.Tensor], Any]] = {
             "eager": lambda a, t: net(t),
             "torchscript-frozen": lambda a, t: frozen(t),
@@ -227,7 +218,7 @@ def run_bench(argv: Sequence[str]) -> int:
 
 
 def format_report(report: Dict[str, Any]) -> str:
-    from export.cli import _table
+    from export.cli import format_table
 
     peak = report["matmul_peak_gflops"]
     lines = [f"{report['backbone']} {report['args']} input {report['input_shape']}, "
@@ -241,7 +232,7 @@ def format_report(report: Dict[str, Any]) -> str:
         rows.append([r["runtime"], r["batch"], f"{r['median_ms']:.2f}", f"{r['p90_ms']:.2f}",
                      f"{r['images_per_s']:.0f}", f"{r['gflops']:.0f}", f"{r['peak_percent']:.0f}%",
                      f"{eager['median_ms'] / r['median_ms']:.2f}x"])
-    lines.append(_table(["runtime", "batch", "median ms", "p90 ms", "images/s", "GFLOP/s",
+    lines.append(format_table(["runtime", "batch", "median ms", "p90 ms", "images/s", "GFLOP/s",
                          "of peak", "vs eager"], rows))
     acc = report.get("int8_accuracy_digits")
     if acc:

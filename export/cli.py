@@ -204,12 +204,12 @@ def run_all(opts) -> int:
             status, err = f"FAILED: {type(exc).__name__}: {str(exc).splitlines()[0][:100]}", "-"
         failed += status != "ok"
         rows.append([name, opts.modes, opts.formats, f"{time.perf_counter() - t:.1f}", err, status])
-    print(_table(["backbone", "modes", "formats", "seconds", "max error", "status"], rows))
+    print(format_table(["backbone", "modes", "formats", "seconds", "max error", "status"], rows))
     print(f"{len(rows) - failed} exported, {failed} failed")
     return 1 if failed else 0
 
 
-def _table(header: List[str], rows: List[List[str]]) -> str:
+def format_table(header: List[str], rows: List[List[str]]) -> str:
     widths = [max(len(str(r[i])) for r in [header] + rows) for i in range(len(header))]
     line = lambda r: "  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip()  # noqa: E731
     return "\n".join([line(header), line(["-" * w for w in widths])] + [line(r) for r in rows])

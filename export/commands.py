@@ -10,8 +10,10 @@ import torch
 
 from export.flat_params import read_onnx_params, write_onnx_params
 from export.manifest import read_manifest, sha256
-from export.verify import (as_list, error_stats, eager_outputs, load_torchscript, merge,
-                           ort_session, sample_inputs)
+from export.core import SUFFIX
+from export.verify import (eager_outputs, load_torchscript, sample_inputs, verify_onnx,
+                           verify_torchscript)
+from zoo.heads import BACKBONE_PREFIX
 from zoo.registry import get_backbone
 from zoo.weights import load_state_dict_strict
 
@@ -46,7 +48,7 @@ def eager_from_artifacts(directory: Path, manifest: Dict[str, Any]) -> torch.nn.
     ts_files = sorted(n for n in manifest["files"] if n.endswith(".pt"))
     if ts_files:
         state = load_torchscript(directory / ts_files[0]).state_dict()
-        state = {k[len("backbone."):]: v for k, v in state.items() if k.startswith("backbone.")}
+        state = {k[len(BACKBONE_PREFIX):]: v for k, v in state.items() if k.startswith(BACKBONE_PREFIX)}
         load_state_dict_strict(net, state, what=f"{ts_files[0]}")
     else:
         import onnx
@@ -57,8 +59,8 @@ def eager_from_artifacts(directory: Path, manifest: Dict[str, Any]) -> torch.nn.
         net.set_params(read_onnx_params(onnx_file, manifest))
         inits = {t.name: t for t in onnx.load(str(onnx_file)).graph.initializer}
         for name, buf in net.named_buffers():
-            if "backbone." + name in inits:
-                buf.copy_(torch.from_numpy(numpy_helper.to_array(inits["backbone." + name])))
+            if BACKBONE_PREFIX + name in inits:
+                buf.copy_(torch.from_numpy(numpy_helper.to_array(inits[BACKBONE_PREFIX + name])))
     return net.eval()
 
 
@@ -73,26 +75,18 @@ def verify_directory(directory: Path, seed: int = 1, device: str = "cpu") -> Lis
     for mode, spec in manifest["modes"].items():
         names = [o["name"] for o in spec["outputs"]]
         want = eager_outputs(net, mode, inputs, device)
-        for fmt, suffix in (("torchscript", ".pt"), ("onnx", ".onnx")):
-            path = directory / f"{mode}{suffix}"
+        for fmt, verify in (("torchscript", verify_torchscript), ("onnx", verify_onnx)):
+            path = directory / f"{mode}{SUFFIX[fmt]}"
             if path.name not in manifest["files"]:
                 continue
-            if fmt == "torchscript":
-                module = load_torchscript(path, device)
-                with torch.no_grad():
-                    got = [[t.cpu().numpy() for t in as_list(module(x.to(device)))] for x in inputs]
-            else:
-                session = ort_session(path, device)
-                got = [session.run(names, {"x": x.numpy()}) for x in inputs]
-            for i, name in enumerate(names):
-                s = merge([error_stats(g[i], w[i]) for g, w in zip(got, want)])
+            for name, s in verify(path, names, inputs, want, device).items():
                 rows.append([mode, name, fmt, f"{s['max_abs']:.2e}", f"{s['max_rel']:.2e}",
                              "ok" if s["ok"] else "MISMATCH"])
     return rows
 
 
 def run_verify(argv: Sequence[str]) -> int:
-    from export.cli import _table
+    from export.cli import format_table
 
     parser = argparse.ArgumentParser(prog="python -m export verify",
                                      description="Re-check an export directory: sha256 of every "
@@ -106,7 +100,7 @@ def run_verify(argv: Sequence[str]) -> int:
     except VerifyError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    print(_table(["mode", "output", "format", "max abs", "max rel", "status"], rows))
+    print(format_table(["mode", "output", "format", "max abs", "max rel", "status"], rows))
     bad = sum(r[-1] != "ok" for r in rows)
     print(f"{len(rows) - bad} passed, {bad} failed")
     return 1 if bad else 0

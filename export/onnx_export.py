@@ -18,7 +18,7 @@ import torch
 from onnxscript import optimizer
 
 from zoo.base import MammothBackbone
-from zoo.heads import make_head
+from zoo.heads import BACKBONE_PREFIX, make_head
 
 #: protobuf cannot serialise more than 2 GiB in one message
 ONNX_SINGLE_FILE_LIMIT = 2**31 - 2**26
@@ -132,7 +132,7 @@ def export_onnx(net: MammothBackbone, input_shape: Tuple[int, ...], opset: Optio
             verbose=False, report=False,
         )
     model = program.model
-    prefix = "backbone."
+    prefix = BACKBONE_PREFIX
     param_names = {a for aliases in _parameter_aliases(net, prefix).values() for a in aliases}
     consumed = _consumed(model) & param_names
     optimizer.fold_constants(model, should_fold=_keep_parameters_as_is(param_names))

@@ -80,11 +80,15 @@ def ort_providers(device: str) -> List[str]:
     return ["CPUExecutionProvider"]
 
 
-def ort_session(path, device: str = "cpu"):
+def ort_session(path, device: str = "cpu", threads: int = 0):
+    """An onnxruntime session; `threads` > 0 fixes the intra-op thread count (benchmarks)."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.log_severity_level = 3  # unused parameter initializers are kept on purpose
+    if threads:
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
     return ort.InferenceSession(str(path), options, providers=ort_providers(device))
 
 

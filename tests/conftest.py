@@ -74,3 +74,9 @@ def exported(name: str, root: Path):
 @pytest.fixture(scope="session")
 def export_root(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("exports")
+
+
+@pytest.fixture
+def export(name, export_root):
+    """(net, ExportResult) of the backbone parametrised as `name`."""
+    return exported(name, export_root)

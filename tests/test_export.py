@@ -1,6 +1,5 @@
 """Eager vs exported for every backbone x mode x format, artifacts and manifest."""
 
-import json
 import subprocess
 import sys
 
@@ -11,15 +10,11 @@ import torch
 
 from export.core import FORMATS
 from export.verify import ATOL, RTOL, as_list, load_torchscript, ort_session
-from tests.conftest import backbone_params, exported
+from tests.conftest import backbone_params
 from zoo import RETURNT_MODES
 
 BACKBONES = backbone_params()
 
-
-@pytest.fixture
-def export(name, export_root):
-    return exported(name, export_root)
 
 
 def assert_within_bound(got, want):

@@ -1,7 +1,6 @@
 """The export CLI: bad input (one line each), Mammoth checkpoints, determinism, atomicity."""
 
 import json
-from pathlib import Path
 
 import pytest
 import torch

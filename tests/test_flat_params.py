@@ -10,16 +10,12 @@ import torch
 from export.flat_params import OnnxParamsError, read_onnx_params, write_onnx_params
 from export.manifest import read_manifest
 from export.verify import as_list, load_torchscript, ort_session
-from tests.conftest import backbone_params, exported
+from tests.conftest import backbone_params
 from tests.test_export import assert_within_bound
 from zoo import RETURNT_MODES
 
 BACKBONES = backbone_params()
 
-
-@pytest.fixture
-def export(name, export_root):
-    return exported(name, export_root)
 
 
 def _outputs(net, ts, onnx_path, mode, x):

@@ -8,12 +8,11 @@ import pytest
 
 from export.cli import main
 from export.runtime import OnnxBackbone
-from tests.conftest import exported
 
 
 @pytest.mark.parametrize("name", ["mnistmlp"])
-def test_quantize_directory(name, export_root, tmp_path, capsys):
-    net, result = exported(name, export_root)
+def test_quantize_directory(name, export, tmp_path, capsys):
+    net, result = export
     d = tmp_path / "q"
     shutil.copytree(result.directory, d)
     calib = np.random.default_rng(0).standard_normal((16, 1, 28, 28)).astype(np.float32)

@@ -10,16 +10,12 @@ import torch
 
 from export.cli import main
 from export.runtime import OnnxBackbone
-from tests.conftest import backbone_params, exported
+from tests.conftest import backbone_params
 from tests.test_export import assert_within_bound
 from zoo import RETURNT_MODES
 
 BACKBONES = backbone_params()
 
-
-@pytest.fixture
-def export(name, export_root):
-    return exported(name, export_root)
 
 
 def _flat(out):

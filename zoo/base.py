@@ -38,7 +38,8 @@ class MammothBackbone(nn.Module):
     """Base class of every zoo backbone.
 
     Subclasses set `self.input_shape` (C, H, W without batch), `self.stages` (a tuple of
-    `Stage`) and `self.feature_dim` in `__init__`, and implement the three forward pieces.
+    `Stage`), `self.feature_dim` and `self.dynamic_hw` in `__init__`, and implement either the
+    three forward pieces or `forward_full` itself (the torchvision adapter does).
     """
 
     input_shape: Tuple[int, ...]

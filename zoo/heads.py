@@ -26,6 +26,10 @@ def _dtype_name(dtype: torch.dtype) -> str:
     return "dtype code " + str(dtype)
 
 
+#: heads hold the backbone as `self.backbone`: its names in exported files carry this prefix
+BACKBONE_PREFIX = "backbone."
+
+
 class ExportHead(nn.Module):
     """Base of the four heads: holds the backbone and the flat-parameter methods."""
 
