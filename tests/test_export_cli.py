@@ -198,3 +198,15 @@ def test_onnx_over_two_gib_refused_clearly(capsys, tmp_path, monkeypatch):
     code, _, err = run(capsys, "mnistmlp", "--formats", "onnx", "--out", tmp_path)
     assert code == 2 and "external-data export is not supported yet (use --formats torchscript)" in err
     assert not list(tmp_path.rglob("*.onnx"))
+
+
+def test_opset_option(capsys, tmp_path):
+    code, _, err = run(capsys, "mnistmlp", "--opset", "18", "--formats", "onnx", "--modes", "out",
+                       "--out", tmp_path)
+    assert code == 0, err
+    manifest = json.loads((tmp_path / "mnistmlp" / "manifest.json").read_text())
+    assert manifest["opset"] == 18
+    import onnx
+
+    model = onnx.load(str(tmp_path / "mnistmlp" / "out.onnx"))
+    assert [o.version for o in model.opset_import if o.domain in ("", "ai.onnx")] == [18]
