@@ -22,6 +22,7 @@ import torch
 
 from export.atomic import atomic_write_bytes
 from export.core import export_backbone
+from export.tables import format_table
 from export.quantize import builtin_calibration, quantize_model
 from export.verify import load_torchscript, ort_session
 from zoo.registry import REGISTRY, get_entry
@@ -218,8 +219,6 @@ def run_bench(argv: Sequence[str]) -> int:
 
 
 def format_report(report: Dict[str, Any]) -> str:
-    from export.cli import format_table
-
     peak = report["matmul_peak_gflops"]
     lines = [f"{report['backbone']} {report['args']} input {report['input_shape']}, "
              f"{report['flops_per_image'] / 1e9:.3f} GFLOP/image, {report['threads']} threads; "

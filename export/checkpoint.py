@@ -49,14 +49,38 @@ def backbone_state_from_model(model_state: Mapping[str, Any]) -> Dict[str, Tenso
     return out
 
 
+def _check_state(path: Path, state: Any, what: str) -> Dict[str, Tensor]:
+    """A mapping of string keys to tensors, or a one-line CheckpointError."""
+    if not isinstance(state, Mapping):
+        raise CheckpointError(f"{path}: {what} is a {type(state).__name__}, expected a dict of tensors")
+    bad_keys = [k for k in state if not isinstance(k, str)]
+    if bad_keys:
+        raise CheckpointError(f"{path}: {what} has non-string keys ({', '.join(map(repr, bad_keys[:5]))})"
+                              "; not a state_dict")
+    bad = [k for k, v in state.items() if not isinstance(v, Tensor)]
+    if bad:
+        raise CheckpointError(
+            f"{path}: not a state_dict (non-tensor entries: {', '.join(map(str, bad[:5]))})"
+        )
+    return dict(state)
+
+
 def read_checkpoint(path: str | Path, allow_unsafe_pickle: bool = False) -> Checkpoint:
-    """Load a checkpoint file and tell what it holds."""
+    """Load a checkpoint file and tell what it holds; anything unusable is a CheckpointError."""
     path = Path(path)
     raw = load_file(path, allow_unsafe_pickle=allow_unsafe_pickle)
     if not isinstance(raw, Mapping):
         raise CheckpointError(f"{path}: expected a dict, found {type(raw).__name__}")
-    if "model" in raw and isinstance(raw["model"], Mapping):
-        state = backbone_state_from_model(raw["model"])
+    if "model" in raw:
+        model = raw["model"]
+        if not isinstance(model, Mapping):
+            raise CheckpointError(f"{path}: 'model' is a {type(model).__name__}, expected the "
+                                  "continual model's state_dict")
+        bad_keys = [k for k in model if not isinstance(k, str)]
+        if bad_keys:
+            raise CheckpointError(f"{path}: 'model' has non-string keys "
+                                  f"({', '.join(map(repr, bad_keys[:5]))}); not a state_dict")
+        state = _check_state(path, backbone_state_from_model(model), "the backbone's weights")
         if not state:
             raise CheckpointError(
                 f"{path}: Mammoth run checkpoint without backbone weights (no 'net.' keys in 'model')"
@@ -67,11 +91,9 @@ def read_checkpoint(path: str | Path, allow_unsafe_pickle: bool = False) -> Chec
         if not isinstance(args, Mapping):
             raise CheckpointError(f"{path}: 'args' is a {type(args).__name__}, expected a dict")
         backbone = args.get("backbone")
-        return Checkpoint(path, state, backbone, dict(args), kind="mammoth")
-    state = raw.get("state_dict", raw)
-    bad = [k for k, v in state.items() if not isinstance(v, Tensor)]
-    if bad:
-        raise CheckpointError(
-            f"{path}: not a state_dict (non-tensor entries: {', '.join(map(str, bad[:5]))})"
-        )
-    return Checkpoint(path, dict(state))
+        if backbone is not None and not isinstance(backbone, str):
+            raise CheckpointError(f"{path}: 'args' names backbone {backbone!r}, expected a "
+                                  "registered name (a string)")
+        return Checkpoint(path, state, backbone, {str(k): v for k, v in args.items()}, kind="mammoth")
+    state = raw["state_dict"] if "state_dict" in raw else raw
+    return Checkpoint(path, _check_state(path, state, "'state_dict'" if "state_dict" in raw else "the file"))

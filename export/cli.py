@@ -21,13 +21,17 @@ from typing import Any, Dict, List, Optional, Sequence
 import torch
 
 from export.checkpoint import Checkpoint, read_checkpoint
-from export.core import FORMATS, ExportResult, export_backbone, parse_list
+from export.core import (FORMATS, ExportResult, check_device, check_dir_name, check_opset,
+                         export_backbone, nonfinite_problem, parse_list)
+from export.errors import ExportError
+from export.tables import format_table
 from zoo.base import RETURNT_MODES
 from zoo.registry import REGISTRY, BackboneEntry, get_entry, list_backbones, normalise_name
 from zoo.weights import CheckpointError, load_state_dict_strict
+from zoo.unit_scale import set_unit_scale
 
-class CliError(Exception):
-    """A one-line user error: printed as `error: ...`, exit status 2."""
+class CliError(ExportError):
+    """A one-line user error of the command line: printed as `error: ...`, exit status 2."""
 
 
 def _base_parser(add_help: bool) -> argparse.ArgumentParser:
@@ -53,13 +57,14 @@ def _base_parser(add_help: bool) -> argparse.ArgumentParser:
                         help="load a checkpoint that is not weights-only (runs code from the file: "
                              "only for files you trust, e.g. Mammoth's old pickle format)")
     parser.add_argument("--input-shape", help="C,H,W of the example input (default: the backbone's)")
-    parser.add_argument("--opset", type=int, help="ONNX opset (default: the exporter's)")
+    parser.add_argument("--opset", type=int, help="ONNX opset, 18 up to the newest the installed "
+                        "onnx knows (default: the exporter's)")
     parser.add_argument("--out", type=Path, default=Path("artifacts"),
                         help="parent directory of the export directories (default: %(default)s)")
-    parser.add_argument("--name", help="export directory name (default: backbone name + a tag of "
-                        "the arguments that differ from the defaults)")
+    parser.add_argument("--name", help="export directory name under --out, not a path (default: "
+                        "backbone name + a tag of the arguments that differ from the defaults)")
     parser.add_argument("--device", default="cpu", help="device for eager/TorchScript and the "
-                        "onnxruntime provider (cpu, cuda)")
+                        "onnxruntime provider (cpu, cuda, cuda:N)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random weights when no "
                         "checkpoint is given (default: %(default)s)")
     parser.add_argument("--example-args", action="store_true",
@@ -130,7 +135,7 @@ def _build(name: str, argv: Sequence[str], ckpt: Optional[Checkpoint], seed: int
 
 def _source(ckpt: Optional[Checkpoint], seed: int) -> Dict[str, Any]:
     if ckpt is None:
-        return {"weights": f"random (seed {seed})"}
+        return {"weights": f"random (seed {seed}), BatchNorm statistics from a forward pass"}
     from export.manifest import sha256
 
     return {"weights": ckpt.kind, "checkpoint": ckpt.path.name, "checkpoint_sha256": sha256(ckpt.path)}
@@ -140,9 +145,21 @@ def run_export(argv: Sequence[str]) -> int:
     first, _ = _base_parser(add_help=False).parse_known_args(argv)
     if first.all:
         return run_all(first)
+    # every option is checked before any work (a checkpoint read, a build, an export)
+    parse_list(first.modes, RETURNT_MODES, "mode")
+    parse_list(first.formats, FORMATS, "format")
+    check_device(first.device)
+    check_opset(first.opset)
+    shape = _parse_shape(first.input_shape)
+    if first.name is not None:
+        check_dir_name(first.name)
     ckpt = None
     if first.checkpoint:
         ckpt = read_checkpoint(first.checkpoint, first.allow_unsafe_pickle)
+        problem = nonfinite_problem(ckpt.state_dict)
+        if problem:
+            raise CliError(f"checkpoint {str(ckpt.path)!r} has {problem}: nothing to export "
+                           "(a diverged run?)")
     name = first.backbone or (ckpt.backbone if ckpt else None)
     if not name:
         if "-h" in argv or "--help" in argv:
@@ -159,6 +176,8 @@ def run_export(argv: Sequence[str]) -> int:
     entry, net, kwargs = _build(name, argv, ckpt, first.seed, first.example_args)
     if ckpt:
         load_state_dict_strict(net, ckpt.state_dict, what=f"checkpoint {str(ckpt.path)!r}")
+    else:
+        set_unit_scale(net, tuple(net.input_shape), first.seed)
     out_dir = first.out / (first.name or dir_name(entry, kwargs))
     result = _export(net, out_dir, first, _source(ckpt, first.seed))
     _print_result(result)
@@ -166,9 +185,8 @@ def run_export(argv: Sequence[str]) -> int:
 
 
 def _export(net, out_dir: Path, opts, source) -> ExportResult:
-    modes = parse_list(opts.modes, RETURNT_MODES, "mode")
-    formats = parse_list(opts.formats, FORMATS, "format")
-    return export_backbone(net, out_dir, modes=modes, formats=formats,
+    return export_backbone(net, out_dir, modes=parse_list(opts.modes, RETURNT_MODES, "mode"),
+                           formats=parse_list(opts.formats, FORMATS, "format"),
                            input_shape=_parse_shape(opts.input_shape), opset=opts.opset,
                            device=opts.device, source=source)
 
@@ -176,11 +194,14 @@ def _export(net, out_dir: Path, opts, source) -> ExportResult:
 def _print_result(result: ExportResult) -> None:
     m = result.manifest
     secs = m["timing"]["seconds"]
-    print(f"{result.directory}: {len(m['files'])} files, max |exported-eager| "
-          f"{result.max_error():.2g}, {sum(secs.values()):.1f}s "
-          f"(onnx export {secs.get('onnx_export', 0):.1f}s)")
+    if result.ok:
+        print(f"{result.directory}: {len(m['files'])} files, max |exported-eager| "
+              f"{result.max_error():.2g}, {sum(secs.values()):.1f}s "
+              f"(onnx export {secs.get('onnx_export', 0):.1f}s)")
+        return
     for failure in result.failures:
         print(f"FAILED {failure}", file=sys.stderr)
+    print(f"{result.directory}: not changed (nothing of this export was kept)", file=sys.stderr)
 
 
 def run_all(opts) -> int:
@@ -197,6 +218,7 @@ def run_all(opts) -> int:
                 warnings.simplefilter("ignore", UserWarning)  # pretrained variants, no weights
                 torch.manual_seed(opts.seed)
                 net = REGISTRY.build(name, **REGISTRY.entry(name).example)
+                set_unit_scale(net, tuple(net.input_shape), opts.seed)
             result = _export(net, opts.out / name, opts, _source(None, opts.seed))
             status = "ok" if result.ok else "FAILED: " + "; ".join(result.failures)
             err = f"{result.max_error():.1e}"
@@ -209,16 +231,9 @@ def run_all(opts) -> int:
     return 1 if failed else 0
 
 
-def format_table(header: List[str], rows: List[List[str]]) -> str:
-    widths = [max(len(str(r[i])) for r in [header] + rows) for i in range(len(header))]
-    line = lambda r: "  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip()  # noqa: E731
-    return "\n".join([line(header), line(["-" * w for w in widths])] + [line(r) for r in rows])
-
-
 def main(argv: Optional[Sequence[str]] = None) -> int:
     from export.bench import run_bench
     from export.commands import run_params, run_verify
-    from export.flat_params import OnnxParamsError
     from export.quantize import run_quantize
 
     subcommands = {"verify": run_verify, "params": run_params, "quantize": run_quantize,
@@ -228,7 +243,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if argv and argv[0] in subcommands:
             return subcommands[argv[0]](argv[1:])
         return run_export(argv)
-    except (CliError, CheckpointError, OnnxParamsError, ValueError, PermissionError,
-            FileNotFoundError) as exc:
+    except (ExportError, CheckpointError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("interrupted: no export directory was changed", file=sys.stderr)
+        return 130

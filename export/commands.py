@@ -2,15 +2,18 @@
 
 import argparse
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Sequence
 
 import numpy as np
 import torch
 
-from export.flat_params import read_onnx_params, write_onnx_params
-from export.manifest import read_manifest, sha256
 from export.core import SUFFIX
+from export.errors import ExportError, IntegrityError
+from export.flat_params import OnnxParamsError, read_onnx_params, refuse_export_file, write_onnx_params
+from export.manifest import check_files, layout_problem, read_manifest, stray_files
+from export.tables import format_table
 from export.verify import (eager_outputs, load_torchscript, sample_inputs, verify_onnx,
                            verify_torchscript)
 from zoo.heads import BACKBONE_PREFIX
@@ -18,18 +21,8 @@ from zoo.registry import get_backbone
 from zoo.weights import load_state_dict_strict
 
 
-class VerifyError(Exception):
+class VerifyError(ExportError):
     """Artifacts that do not match their manifest or each other."""
-
-
-def check_hashes(directory: Path, manifest: Dict[str, Any]) -> None:
-    """Every file the manifest lists exists with its recorded sha256 and size."""
-    for name, entry in sorted(manifest.get("files", {}).items()):
-        path = directory / name
-        if not path.is_file():
-            raise VerifyError(f"{path}: listed in the manifest but missing")
-        if path.stat().st_size != entry["size"] or sha256(path) != entry["sha256"]:
-            raise VerifyError(f"{path}: sha256 does not match the manifest (file changed or corrupt)")
 
 
 def eager_from_artifacts(directory: Path, manifest: Dict[str, Any]) -> torch.nn.Module:
@@ -64,14 +57,47 @@ def eager_from_artifacts(directory: Path, manifest: Dict[str, Any]) -> torch.nn.
     return net.eval()
 
 
-def verify_directory(directory: Path, seed: int = 1, device: str = "cpu") -> List[List[str]]:
-    """Hashes, then eager vs every artifact on fresh inputs; rows of the report table."""
+@dataclass
+class VerifyReport:
+    rows: List[List[str]] = field(default_factory=list)  # mode, output, format, abs, rel, status
+    stray: List[str] = field(default_factory=list)  # files the manifest does not list
+
+    @property
+    def failed(self) -> int:
+        return sum(r[-1] != "ok" for r in self.rows)
+
+
+def _check_layout(directory: Path, manifest: Dict[str, Any], net: torch.nn.Module) -> None:
+    """The manifest's flat-parameter layout tiles the vector and names the backbone's
+    parameters in parameters() order with their shapes."""
+    flat = manifest["flat_params"]
+    layout = flat.get("layout", [])
+    problem = layout_problem(layout, flat.get("count"))
+    if not problem:
+        ours = [(n, list(p.shape)) for n, p in net.named_parameters()]
+        theirs = [(e["name"], list(e["shape"])) for e in layout]
+        if ours != theirs:
+            bad = next((t for o, t in zip(ours, theirs) if o != t), None) or "its length"
+            problem = f"it does not list the backbone's parameters in order (first difference: {bad})"
+    if problem:
+        raise VerifyError(f"{directory}: the manifest's flat-parameter layout is wrong: {problem}")
+
+
+def verify_directory(directory: Path, seed: int = 1, device: str = "cpu") -> VerifyReport:
+    """Hashes, layout, then eager vs every artifact (outputs on fresh inputs and the flat
+    parameter vector each file holds); the rows of the report table."""
+    directory = Path(directory)
     manifest = read_manifest(directory)
-    check_hashes(directory, manifest)
+    if not manifest["files"]:
+        raise VerifyError(f"{directory}: the manifest lists no files: nothing to verify "
+                          "(re-export it)")
+    check_files(directory, manifest)
     net = eager_from_artifacts(directory, manifest).to(device)
+    _check_layout(directory, manifest, net)
+    params = net.get_params().cpu()
     shape = [d for d in manifest["input"]["shape"][1:]]
     inputs = sample_inputs(shape, seed=seed)
-    rows = []
+    report = VerifyReport(stray=stray_files(directory, manifest))
     for mode, spec in manifest["modes"].items():
         names = [o["name"] for o in spec["outputs"]]
         want = eager_outputs(net, mode, inputs, device)
@@ -79,41 +105,49 @@ def verify_directory(directory: Path, seed: int = 1, device: str = "cpu") -> Lis
             path = directory / f"{mode}{SUFFIX[fmt]}"
             if path.name not in manifest["files"]:
                 continue
+            held = (load_torchscript(path).get_params() if fmt == "torchscript"
+                    else read_onnx_params(path, manifest))
+            report.rows.append([mode, "flat params", fmt, "-", "-",
+                                "ok" if torch.equal(held.cpu(), params) else "MISMATCH"])
             for name, s in verify(path, names, inputs, want, device).items():
-                rows.append([mode, name, fmt, f"{s['max_abs']:.2e}", f"{s['max_rel']:.2e}",
-                             "ok" if s["ok"] else "MISMATCH"])
-    return rows
+                report.rows.append([mode, name, fmt, f"{s['max_abs']:.2e}", f"{s['max_rel']:.2e}",
+                                    "ok" if s["ok"] else "MISMATCH"])
+    return report
 
 
 def run_verify(argv: Sequence[str]) -> int:
-    from export.cli import format_table
-
     parser = argparse.ArgumentParser(prog="python -m export verify",
                                      description="Re-check an export directory: sha256 of every "
-                                     "file, then eager vs TorchScript vs onnxruntime on fresh inputs.")
+                                     "file, the flat-parameter layout, then eager vs TorchScript "
+                                     "vs onnxruntime on fresh inputs. Exit 1 on any mismatch.")
     parser.add_argument("directory", type=Path)
     parser.add_argument("--seed", type=int, default=1, help="seed of the fresh inputs")
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args(argv)
     try:
-        rows = verify_directory(args.directory, args.seed, args.device)
-    except VerifyError as exc:
+        report = verify_directory(args.directory, args.seed, args.device)
+    except (VerifyError, IntegrityError, OnnxParamsError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    print(format_table(["mode", "output", "format", "max abs", "max rel", "status"], rows))
-    bad = sum(r[-1] != "ok" for r in rows)
-    print(f"{len(rows) - bad} passed, {bad} failed")
-    return 1 if bad else 0
+    print(format_table(["mode", "output", "format", "max abs", "max rel", "status"], report.rows))
+    if report.stray:
+        print(f"stray files (not in the manifest; left by an interrupted or earlier run, safe to "
+              f"remove): {', '.join(report.stray)}", file=sys.stderr)
+    print(f"{len(report.rows) - report.failed} passed, {report.failed} failed")
+    return 1 if report.failed else 0
 
 
 def _load_vector(path: Path) -> torch.Tensor:
     if path.suffix == ".npy":
-        return torch.from_numpy(np.load(path))
+        try:
+            return torch.from_numpy(np.load(path, allow_pickle=False))
+        except (OSError, ValueError) as exc:
+            raise ExportError(f"{path}: not a readable .npy array ({str(exc).splitlines()[0]})") from None
     from zoo.weights import load_file
 
     value = load_file(path)
     if not isinstance(value, torch.Tensor):
-        raise ValueError(f"{path}: expected a tensor, found {type(value).__name__}")
+        raise ExportError(f"{path}: expected a tensor, found {type(value).__name__}")
     return value
 
 
@@ -141,6 +175,7 @@ def run_params(argv: Sequence[str]) -> int:
         if args.out:
             from export.atomic import atomic_path
 
+            refuse_export_file(args.out)
             with atomic_path(args.out) as tmp:
                 if args.out.suffix == ".npy":
                     with open(tmp, "wb") as f:

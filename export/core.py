@@ -1,21 +1,27 @@
-"""Export one backbone: every mode x format written atomically, verified, and a manifest."""
+"""Export one backbone: every mode x format built in a staging directory, verified, and swapped
+in whole with its manifest (a failed or killed export leaves the previous set as it was)."""
 
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 
-from export.atomic import atomic_path, check_writable_dir
+from export.atomic import atomic_path
+from export.errors import ExportError
 from export.manifest import file_entry, param_layout, versions, write_manifest
-from export.onnx_export import export_onnx, mode_outputs
 from export.torchscript_export import save_torchscript, script_head
-from export.verify import ATOL, REL_FLOOR, RTOL, eager_outputs, sample_inputs, verify_onnx, verify_torchscript
-from zoo.base import RETURNT_MODES, MammothBackbone
+from export.transaction import DirectoryTransaction
+from export.verify import (ATOL, REL_FLOOR, RTOL, eager_outputs, sample_inputs, verify_onnx,
+                           verify_torchscript)
+from zoo.base import RETURNT_MODES, MammothBackbone, mode_outputs
 
 FORMATS: Tuple[str, ...] = ("torchscript", "onnx")
 SUFFIX = {"torchscript": ".pt", "onnx": ".onnx"}
+#: the largest batch an export runs (verification at 1 and 3, the ONNX example at 2)
+_LARGEST_BATCH = 3
 
 
 @dataclass
@@ -39,28 +45,112 @@ def parse_list(text: str, allowed: Sequence[str], what: str) -> List[str]:
     items = [t.strip() for t in text.split(",") if t.strip()]
     bad = [t for t in items if t not in allowed]
     if bad or not items:
-        raise ValueError(f"unknown {what} {', '.join(map(repr, bad)) or repr(text)}; "
-                         f"allowed: {', '.join(allowed)}")
+        raise ExportError(f"unknown {what} {', '.join(map(repr, bad)) or repr(text)}; "
+                          f"allowed: {', '.join(allowed)}")
     return [a for a in allowed if a in items]
 
 
+def check_device(device: str) -> torch.device:
+    """A device this machine has; one line naming the bad value otherwise."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ExportError(f"--device {device!r} is not a device; allowed: cpu, cuda, cuda:N") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ExportError(f"--device {device!r}: CUDA is not available on this machine; use cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ExportError(f"--device {device!r}: this machine has {torch.cuda.device_count()} "
+                              "CUDA device(s)")
+    elif dev.type != "cpu":
+        raise ExportError(f"--device {device!r} is not supported; allowed: cpu, cuda, cuda:N")
+    return dev
+
+
+def check_opset(opset: Optional[int]) -> None:
+    from export.onnx_export import MIN_OPSET, max_opset
+
+    if opset is not None and not MIN_OPSET <= opset <= max_opset():
+        raise ExportError(f"--opset {opset} is not supported; allowed: {MIN_OPSET}-{max_opset()} "
+                          "(default: the exporter's)")
+
+
+def nonfinite_problem(tensors: Mapping[str, Any]) -> str:
+    """'' if every floating tensor is finite, else e.g. 'NaN in conv1.weight' (the first)."""
+    for name, t in tensors.items():
+        if isinstance(t, torch.Tensor) and t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            kind = "NaN" if bool(torch.isnan(t).any()) else "Inf"
+            return f"{kind} in {name}"
+    return ""
+
+
+def available_memory() -> int:
+    """Bytes of memory available to a new allocation (MemAvailable on Linux)."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import os
+
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+
+
+def activation_bytes(net: MammothBackbone, shape: Tuple[int, ...]) -> int:
+    """Estimated bytes of one image's activations at `shape`: every module's output summed at the
+    backbone's own (small) input size, scaled by the number of pixels. Nothing of `shape`'s size
+    is allocated."""
+    base = tuple(net.input_shape)
+    total = [0]
+
+    def count(module, inputs, output):
+        for t in output if isinstance(output, (list, tuple)) else [output]:
+            if isinstance(t, torch.Tensor):
+                total[0] += t.numel() * t.element_size()
+
+    hooks = [m.register_forward_hook(count) for m in net.modules() if not list(m.children())]
+    try:
+        with torch.no_grad():
+            net(torch.zeros(1, *base, device=next(net.parameters()).device))
+    finally:
+        for h in hooks:
+            h.remove()
+    pixels = max(1, base[-1] * base[-2]) if len(base) >= 2 else 1
+    new_pixels = shape[-1] * shape[-2] if len(shape) >= 2 else 1
+    input_bytes = 4 * int(torch.tensor(shape).prod())
+    return int(total[0] * new_pixels / pixels) + input_bytes
+
+
 def check_input_shape(net: MammothBackbone, shape: Tuple[int, ...]) -> Tuple[int, ...]:
-    """Refuse an input shape the backbone cannot take, naming the expected one."""
+    """Refuse an input shape the backbone cannot take, naming the expected one; refuse one whose
+    activations would not fit in memory before allocating anything of its size."""
     expected = tuple(net.input_shape)
     what = "x".join(map(str, expected))
+    text = ",".join(map(str, shape))
     name = getattr(net, "registry_name", type(net).__name__)
-    if len(shape) != len(expected) or shape[0] != expected[0]:
-        raise ValueError(f"--input-shape {','.join(map(str, shape))} does not fit backbone "
-                         f"{name!r}: expected {what}" + (" (C fixed, H,W free)" if net.dynamic_hw else ""))
+    if len(shape) != len(expected) or shape[0] != expected[0] or min(shape) < 1:
+        raise ExportError(f"--input-shape {text} does not fit backbone {name!r}: expected "
+                          f"{what}" + (" (C fixed, H,W free)" if net.dynamic_hw else ""))
     if not net.dynamic_hw and tuple(shape) != expected:
-        raise ValueError(f"--input-shape {','.join(map(str, shape))} does not fit backbone "
-                         f"{name!r}: it only takes {what}")
+        raise ExportError(f"--input-shape {text} does not fit backbone {name!r}: it only takes {what}")
+    if tuple(shape) != expected:
+        need = _LARGEST_BATCH * activation_bytes(net, shape)
+        have = available_memory()
+        if need > have:
+            raise ExportError(f"--input-shape {text}: about {need / 2**30:.1f} GiB of activations "
+                              f"for backbone {name!r}, {have / 2**30:.1f} GiB available; use a "
+                              f"smaller input (default: {what})")
     try:
         with torch.no_grad():
             net(torch.zeros(1, *shape, device=next(net.parameters()).device))
     except RuntimeError as exc:
-        raise ValueError(f"--input-shape {','.join(map(str, shape))} is too small for backbone "
-                         f"{name!r} ({str(exc).splitlines()[0][:120]}); default: {what}") from None
+        first = str(exc).splitlines()[0][:120]
+        if "alloc" in first.lower() or "out of memory" in first.lower():
+            raise ExportError(f"--input-shape {text}: not enough memory for backbone {name!r} "
+                              f"({first})") from None
+        raise ExportError(f"--input-shape {text} is too small for backbone {name!r} ({first}); "
+                          f"default: {what}") from None
     return tuple(shape)
 
 
@@ -74,10 +164,42 @@ def export_backbone(
     device: str = "cpu",
     source: Optional[Dict[str, Any]] = None,
 ) -> ExportResult:
-    """Write `<mode>.pt` / `<mode>.onnx` and `manifest.json` into `out_dir`, verified."""
-    out_dir = check_writable_dir(Path(out_dir))
+    """Export `net` into `out_dir` as `<mode>.pt` / `<mode>.onnx` plus `manifest.json`.
+
+    Args:
+        net: the backbone (its weights are used as they are; it is put in eval()).
+        out_dir: the export directory. It is replaced whole, and only when every file passed
+            verification; otherwise (failure, error, SIGINT/SIGTERM, SIGKILL) what it held
+            before stays exactly as it was. Another process exporting into it is refused.
+        modes, formats: subsets of `RETURNT_MODES` and `FORMATS`.
+        input_shape: C,H,W of the example input (default: the backbone's).
+        opset: ONNX opset (default: the exporter's).
+        device: where eager, TorchScript and onnxruntime run (cpu, cuda, cuda:N).
+        source: what the weights are, recorded in the manifest.
+    Returns:
+        An ExportResult; `ok` is False (and nothing was replaced) if any artifact failed.
+    """
+    modes = parse_list(",".join(modes), RETURNT_MODES, "mode")
+    formats = parse_list(",".join(formats), FORMATS, "format")
+    check_device(device)
+    check_opset(opset)
+    problem = nonfinite_problem(net.state_dict())
+    if problem:
+        raise ExportError(f"the weights have {problem}: nothing to export (a diverged run?)")
     net = net.to(device).eval()
     shape = check_input_shape(net, tuple(input_shape or net.input_shape))
+    with DirectoryTransaction(Path(out_dir)) as tx:
+        result = _write_verified_set(net, tx.staging, modes, formats, shape, opset, device, source)
+        if result.ok:
+            tx.commit()
+    result.directory = Path(out_dir)
+    return result
+
+
+def _write_verified_set(net: MammothBackbone, out_dir: Path, modes: Sequence[str],
+                        formats: Sequence[str], shape: Tuple[int, ...], opset: Optional[int],
+                        device: str, source: Optional[Dict[str, Any]]) -> ExportResult:
+    """Write and verify every artifact and the manifest into `out_dir` (a staging directory)."""
     full_names = net.output_names()
     outputs = mode_outputs(full_names)
     inputs = sample_inputs(shape)
@@ -89,6 +211,8 @@ def export_backbone(
     opset_used = None
 
     if "onnx" in formats:
+        from export.onnx_export import export_onnx
+
         t = time.perf_counter()
         exported = export_onnx(net, shape, opset=opset, device=device)
         onnx_names, opset_used = exported.param_names, exported.opset
@@ -104,26 +228,20 @@ def export_backbone(
         for mode in modes:
             path = out_dir / f"{mode}{SUFFIX[fmt]}"
             t = time.perf_counter()
-            try:
-                with atomic_path(path) as tmp:
-                    if fmt == "torchscript":
-                        save_torchscript(script_head(net, mode), tmp)
-                    else:
-                        tmp.write_bytes(exported.models[mode].SerializeToString())
-                    t_write = time.perf_counter()
-                    # verified as the temp file: a failing artifact never appears under its name
-                    result = verify(tmp, outputs[mode], inputs, expected[mode], device)
-                    verification[fmt][mode] = result
-                    bad = [n for n, s in result.items() if not s["ok"]]
-                    if bad:
-                        raise _Rejected(f"{path.name}: {', '.join(bad)} differ from eager beyond "
-                                        f"{ATOL:g} + {RTOL:g}*|eager|")
-            except _Rejected as rejected:
-                failures.append(str(rejected))
-                path.unlink(missing_ok=True)  # no stale artifact of an earlier run either
-                continue
+            with atomic_path(path) as tmp:
+                if fmt == "torchscript":
+                    save_torchscript(script_head(net, mode), tmp)
+                else:
+                    tmp.write_bytes(exported.models[mode].SerializeToString())
+            t_write = time.perf_counter()
+            result = verify(path, outputs[mode], inputs, expected[mode], device)
+            verification[fmt][mode] = result
             seconds[f"{fmt}_write"] += t_write - t
             seconds[f"{fmt}_verify"] += time.perf_counter() - t_write
+            bad = [n for n, s in result.items() if not s["ok"]]
+            if bad:
+                failures.append(f"{path.name}: {', '.join(bad)} differ from eager beyond "
+                                f"{ATOL:g}*max|eager| + {RTOL:g}*|eager|")
             files[path.name] = file_entry(path)
 
     manifest = {
@@ -131,7 +249,7 @@ def export_backbone(
         "backbone": {"name": getattr(net, "registry_name", type(net).__name__),
                      "args": getattr(net, "registry_kwargs", {}),
                      "num_params": net.num_params()},
-        "source": source or {"weights": "random (seeded)"},
+        "source": source or {"weights": "as given (export_backbone)"},
         "input": {"name": "x", "shape": ["batch", *shape], "dtype": "float32",
                   "dynamic": ["batch"] + (["height", "width"] if net.dynamic_hw else [])},
         "modes": {m: {"outputs": [{"name": n, "shape": _output_shape(net, n, expected[m], outputs[m])}
@@ -142,6 +260,7 @@ def export_backbone(
         "versions": versions(),
         "verification": verification,
         "tolerance": {"atol": ATOL, "rtol": RTOL, "rel_floor": REL_FLOOR,
+                      "bound": "|exported - eager| <= atol*max|eager| + rtol*|eager| per output",
                       "batches": [int(x.shape[0]) for x in inputs]},
         "flat_params": {"count": net.num_params(), "dtype": "float32",
                         "layout": param_layout(net, onnx_names)},
@@ -152,10 +271,6 @@ def export_backbone(
     return ExportResult(out_dir, manifest, failures)
 
 
-class _Rejected(Exception):
-    """Raised inside atomic_path so the failing artifact's temp file is discarded."""
-
-
 def _output_shape(net: MammothBackbone, name: str, expected, names: List[str]) -> List[Any]:
     """Output shape with symbolic batch (and H/W where they vary with the input)."""
     shape = list(expected[0][names.index(name)].shape)
@@ -163,3 +278,15 @@ def _output_shape(net: MammothBackbone, name: str, expected, names: List[str]) -
     if net.dynamic_hw and len(shape) == 4:
         shape[2], shape[3] = "height", "width"
     return shape
+
+
+#: names an export directory may not have: a name, not a path
+_BAD_NAME = re.compile(r"^\.|[/\\\x00]")
+
+
+def check_dir_name(name: str) -> str:
+    """`--name` is one directory name: no separators, not `.`/`..`, not hidden, not empty."""
+    if not name or _BAD_NAME.search(name) or name in (".", ".."):
+        raise ExportError(f"--name {name!r} is not a plain directory name (no '/', not starting "
+                          "with '.'); the directory is created under --out")
+    return name

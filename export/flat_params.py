@@ -6,6 +6,7 @@ length, in `parameters()` order) to the ONNX initializer that holds that paramet
 initializers' data and saves a new file atomically, keeping external data if the source had it.
 """
 
+import os
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
@@ -16,22 +17,38 @@ from onnx import numpy_helper
 from torch import Tensor
 
 from export.atomic import atomic_path
-from export.manifest import read_manifest
+from export.errors import ExportError
+from export.manifest import MANIFEST, layout_problem, read_manifest
 from zoo.base import check_flat_vector
 
 
-class OnnxParamsError(ValueError):
+class OnnxParamsError(ExportError, ValueError):
     """An ONNX file (or vector) that does not fit the manifest's parameter layout."""
 
 
 def layout_for(path: Path, manifest: Optional[Dict[str, Any]] = None) -> List[Dict[str, Any]]:
     """The flat-parameter layout: from `manifest`, else the manifest.json beside `path`."""
     manifest = manifest if manifest is not None else read_manifest(Path(path).parent)
-    layout = manifest.get("flat_params", {}).get("layout")
+    flat = manifest.get("flat_params", {})
+    layout = flat.get("layout")
     if not layout or any("onnx_name" not in e for e in layout):
         raise OnnxParamsError(f"{path}: the manifest has no ONNX parameter layout "
                               "(export with --formats including onnx)")
+    problem = layout_problem(layout, flat.get("count"))
+    if problem:
+        raise OnnxParamsError(f"{path}: the manifest's parameter layout is inconsistent: {problem}")
     return layout
+
+
+def model_from_bytes(data: bytes, path: Path) -> onnx.ModelProto:
+    """Parse an ONNX model with a one-line error for a corrupt or foreign file."""
+    try:
+        model = onnx.load_model_from_string(data)
+    except Exception as exc:  # protobuf DecodeError and friends
+        raise OnnxParamsError(f"{path}: not an ONNX model ({type(exc).__name__})") from None
+    if not model.graph.node and not model.graph.initializer:
+        raise OnnxParamsError(f"{path}: not an ONNX model (empty graph)")
+    return model
 
 
 def load_onnx(path: Path) -> onnx.ModelProto:
@@ -62,24 +79,40 @@ def _initializers(model: onnx.ModelProto, layout, path) -> Dict[str, onnx.Tensor
     return inits
 
 
-def read_onnx_params(path: Path, manifest: Optional[Dict[str, Any]] = None) -> Tensor:
-    """The flat parameter vector stored in an exported ONNX file (== eager `get_params()`)."""
-    model = load_onnx(path)
-    layout = layout_for(path, manifest)
+def params_of_model(model: onnx.ModelProto, layout, path) -> Tensor:
+    """The flat vector held by a loaded model's initializers, in layout order."""
     inits = _initializers(model, layout, path)
     parts = [numpy_helper.to_array(inits[e["onnx_name"]]).reshape(-1) for e in layout]
     return torch.from_numpy(np.concatenate(parts).astype(np.float32, copy=False))
 
 
+def read_onnx_params(path: Path, manifest: Optional[Dict[str, Any]] = None) -> Tensor:
+    """The flat parameter vector stored in an exported ONNX file (== eager `get_params()`).
+
+    Args:
+        path: an ONNX file written by the export (or by `write_onnx_params`).
+        manifest: its export's manifest (default: the manifest.json beside `path`).
+    """
+    return params_of_model(load_onnx(path), layout_for(path, manifest), path)
+
+
+def check_params_vector(vector: Tensor, layout, allow_nonfinite: bool = False) -> None:
+    """A 1-D float32 vector of the layout's length, finite unless `allow_nonfinite`."""
+    total = sum(e["length"] for e in layout)
+    try:
+        check_flat_vector(vector, total, torch.float32, "set_params")
+    except ValueError as exc:
+        raise OnnxParamsError(str(exc)) from None
+    if not allow_nonfinite and not bool(torch.isfinite(vector).all()):
+        bad = int((~torch.isfinite(vector)).sum())
+        raise OnnxParamsError(f"set_params: vector has {bad} NaN/inf values; pass allow_nonfinite=True "
+                              "(--allow-nonfinite) to write them anyway")
+
+
 def set_model_params(model: onnx.ModelProto, vector: Tensor, layout, path="model",
                      allow_nonfinite: bool = False) -> onnx.ModelProto:
     """Write `vector` into the initializers of `model` (in place), validated first."""
-    total = sum(e["length"] for e in layout)
-    check_flat_vector(vector, total, torch.float32, "set_params")
-    if not allow_nonfinite and not bool(torch.isfinite(vector).all()):
-        bad = int((~torch.isfinite(vector)).sum())
-        raise ValueError(f"set_params: vector has {bad} NaN/inf values; pass allow_nonfinite=True "
-                         "(--allow-nonfinite) to write them anyway")
+    check_params_vector(vector, layout, allow_nonfinite)
     inits = _initializers(model, layout, path)
     array = vector.detach().cpu().numpy()
     replacements = []
@@ -92,6 +125,25 @@ def set_model_params(model: onnx.ModelProto, vector: Tensor, layout, path="model
     return model
 
 
+def refuse_export_file(out: Path) -> None:
+    """Refuse to write over a file of an export directory (a listed artifact or the manifest):
+    it would no longer match the manifest's sha256. New names beside them are fine."""
+    out = Path(os.path.abspath(out))
+    manifest_path = out.parent / MANIFEST
+    if not manifest_path.is_file():
+        return
+    if out.name == MANIFEST:
+        raise OnnxParamsError(f"{out}: refusing to overwrite an export's {MANIFEST}; write to "
+                              "a new file outside the export directory")
+    try:
+        listed = read_manifest(out.parent)["files"]
+    except ExportError:
+        listed = {}
+    if out.name in listed:
+        raise OnnxParamsError(f"{out}: refusing to overwrite an exported artifact (its sha256 is "
+                              f"in {MANIFEST}); write to a new file")
+
+
 def write_onnx_params(path: Path, vector: Tensor, out: Path,
                       manifest: Optional[Dict[str, Any]] = None,
                       allow_nonfinite: bool = False) -> Path:
@@ -102,11 +154,13 @@ def write_onnx_params(path: Path, vector: Tensor, out: Path,
     if out.resolve() == path.resolve():
         raise OnnxParamsError(f"{out}: write to a new file; overwriting an exported artifact would "
                               "break its sha256 in the manifest")
+    refuse_export_file(out)
     external = any(t.data_location == onnx.TensorProto.EXTERNAL
                    for t in onnx.load(str(path), load_external_data=False).graph.initializer)
     set_model_params(model, vector, layout, path, allow_nonfinite)
     if external:
         data_name = out.name + ".data"
+        refuse_export_file(out.parent / data_name)
         # the data file is renamed into place first, then the graph that refers to it
         with atomic_path(out) as tmp, atomic_path(out.parent / data_name) as tmp_data:
             onnx.save(model, str(tmp), save_as_external_data=True, all_tensors_to_one_file=True,

@@ -1,16 +1,28 @@
-"""`manifest.json`: what was exported, from what, how well it matches eager (SPEC §4)."""
+"""`manifest.json`: what was exported, from what, how well it matches eager, and the sha256 of
+every file, which every loader checks before it trusts a file."""
 
 import hashlib
 import json
+import math
+import re
 from pathlib import Path
-from typing import Any, Dict, List
+from typing import Any, Dict, Iterable, List, Optional
 
 import torch
 
 from export.atomic import atomic_write_bytes
+from export.errors import IntegrityError, ManifestError
 from zoo.base import MammothBackbone
 
 MANIFEST = "manifest.json"
+#: top-level keys every manifest this tool writes has, with their JSON types
+REQUIRED_KEYS = {"backbone": dict, "input": dict, "modes": dict, "files": dict,
+                 "flat_params": dict}
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
 
 
 def sha256(path: Path) -> str:
@@ -49,18 +61,106 @@ def param_layout(net: MammothBackbone, onnx_names: Dict[str, str]) -> List[Dict[
     return layout
 
 
+def layout_problem(layout: List[Dict[str, Any]], count: Optional[int] = None) -> str:
+    """'' when the layout tiles the flat vector exactly (contiguous, in order, lengths equal to
+    the shapes' products, total == count), else the first problem in one line."""
+    offset = 0
+    for e in layout:
+        if not isinstance(e, dict) or not {"name", "shape", "offset", "length"} <= set(e):
+            return f"layout entry {e!r} lacks name/shape/offset/length"
+        if e["offset"] != offset:
+            return f"{e['name']}: offset {e['offset']}, expected {offset}"
+        if e["length"] != math.prod(e["shape"]):
+            return f"{e['name']}: length {e['length']} != product of shape {e['shape']}"
+        offset += e["length"]
+    if count is not None and offset != count:
+        return f"layout covers {offset} parameters, the manifest's count is {count}"
+    return ""
+
+
+def _finite(value: Any) -> Any:
+    """JSON has no NaN/Infinity: non-finite floats are written as strings ('nan', 'inf')."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
+
+
+def manifest_bytes(manifest: Dict[str, Any]) -> bytes:
+    return (json.dumps(_finite(manifest), indent=2, sort_keys=True, allow_nan=False) + "\n").encode()
+
+
 def write_manifest(directory: Path, manifest: Dict[str, Any]) -> Path:
     path = Path(directory) / MANIFEST
-    text = json.dumps(manifest, indent=2, sort_keys=True) + "\n"
-    atomic_write_bytes(path, text.encode())
+    atomic_write_bytes(path, manifest_bytes(manifest))
     return path
 
 
 def read_manifest(directory: Path) -> Dict[str, Any]:
+    """The manifest of an export directory, checked for the shape this tool writes."""
     path = Path(directory) / MANIFEST
     if not path.is_file():
-        raise FileNotFoundError(f"{directory}: no {MANIFEST} (not an export directory?)")
+        raise ManifestError(f"{directory}: no {MANIFEST} (not an export directory?)")
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{path}: not valid JSON ({exc})") from None
+        manifest = json.loads(path.read_bytes())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ManifestError(f"{path}: not valid JSON ({str(exc).splitlines()[0]})") from None
+    if not isinstance(manifest, dict):
+        raise ManifestError(f"{path}: expected a JSON object, found {type(manifest).__name__}")
+    for key, kind in REQUIRED_KEYS.items():
+        if not isinstance(manifest.get(key), kind):
+            raise ManifestError(f"{path}: no {key!r} {kind.__name__} (not written by this tool, "
+                                "or damaged)")
+    for name, entry in manifest["files"].items():
+        if ("/" in name or name.startswith(".") or not isinstance(entry, dict)
+                or not _SHA256.fullmatch(str(entry.get("sha256", "")))
+                or not isinstance(entry.get("size"), int)):
+            raise ManifestError(f"{path}: bad files entry {name!r} (expected a plain file name "
+                                "with sha256 and size)")
+    return manifest
+
+
+def check_file(directory: Path, manifest: Dict[str, Any], name: str) -> None:
+    """One listed file exists with its recorded size and sha256."""
+    entry = manifest["files"].get(name)
+    path = Path(directory) / name
+    if entry is None:
+        raise IntegrityError(f"{path}: not listed in {MANIFEST}")
+    if not path.is_file():
+        raise IntegrityError(f"{path}: listed in {MANIFEST} but missing")
+    if path.stat().st_size != entry["size"] or sha256(path) != entry["sha256"]:
+        raise IntegrityError(f"{path}: sha256 does not match {MANIFEST} (the file was changed, "
+                             "is corrupt, or comes from another export)")
+
+
+def check_files(directory: Path, manifest: Dict[str, Any],
+                names: Optional[Iterable[str]] = None) -> None:
+    """Every file in `names` (default: every listed file) is the one the manifest describes."""
+    for name in sorted(manifest["files"] if names is None else names):
+        check_file(directory, manifest, name)
+
+
+def read_verified(directory: Path, manifest: Dict[str, Any], name: str) -> bytes:
+    """A listed file's bytes, hashed as read: what is used is what was checked."""
+    entry = manifest["files"].get(name)
+    path = Path(directory) / name
+    if entry is None:
+        raise IntegrityError(f"{path}: not listed in {MANIFEST}")
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise IntegrityError(f"{path}: listed in {MANIFEST} but missing") from None
+    if len(data) != entry["size"] or sha256_bytes(data) != entry["sha256"]:
+        raise IntegrityError(f"{path}: sha256 does not match {MANIFEST} (the file was changed, "
+                             "is corrupt, or comes from another export)")
+    return data
+
+
+def stray_files(directory: Path, manifest: Dict[str, Any]) -> List[str]:
+    """Files in the directory that the manifest does not list (temp files of a killed run,
+    artifacts of an earlier export)."""
+    listed = set(manifest["files"]) | {MANIFEST}
+    return sorted(p.name for p in Path(directory).iterdir() if p.name not in listed)

@@ -17,17 +17,23 @@ import onnx_ir as ir
 import torch
 from onnxscript import optimizer
 
-from zoo.base import MammothBackbone
+from export.errors import ExportError
+from zoo.base import MammothBackbone, mode_outputs
 from zoo.heads import BACKBONE_PREFIX, make_head
+
+__all__ = ["OnnxExport", "export_onnx", "mode_outputs", "MIN_OPSET", "max_opset"]
+
+#: the dynamo exporter's own implementations start at opset 18; below it only a lossy
+#: version conversion (which silently falls back to 18 when it fails) is on offer
+MIN_OPSET = 18
+
+
+def max_opset() -> int:
+    """The newest opset the installed onnx knows (the exporter converts up to it)."""
+    return onnx.defs.onnx_opset_version()
 
 #: protobuf cannot serialise more than 2 GiB in one message
 ONNX_SINGLE_FILE_LIMIT = 2**31 - 2**26
-
-
-def mode_outputs(full_names: List[str]) -> Dict[str, List[str]]:
-    """Output names of each mode's graph, all taken from the 'full' graph's outputs."""
-    return {"out": ["logits"], "features": ["features"], "both": ["logits", "features"],
-            "full": list(full_names)}
 
 
 @dataclass
@@ -118,7 +124,7 @@ def export_onnx(net: MammothBackbone, input_shape: Tuple[int, ...], opset: Optio
     """Export `net` (in eval) once and derive the four mode graphs."""
     size = sum(t.numel() * t.element_size() for t in net.state_dict().values())
     if size >= ONNX_SINGLE_FILE_LIMIT:
-        raise ValueError(f"{getattr(net, 'registry_name', type(net).__name__)}: {size / 2**30:.1f} GiB "
+        raise ExportError(f"{getattr(net, 'registry_name', type(net).__name__)}: {size / 2**30:.1f} GiB "
                          "of weights; self-contained ONNX files stop at 2 GiB and external-data "
                          "export is not supported yet (use --formats torchscript)")
     head = make_head(net, "full")
@@ -147,6 +153,9 @@ def export_onnx(net: MammothBackbone, input_shape: Tuple[int, ...], opset: Optio
     for mode, names in mode_outputs(full_names).items():
         models[mode] = _select_outputs(full_proto, names) if mode != "full" else full_proto
     opset_used = next(o.version for o in full_proto.opset_import if o.domain in ("", "ai.onnx"))
+    if opset is not None and opset_used != opset:  # the exporter's conversion fell back
+        raise ExportError(f"--opset {opset}: the exporter could not convert the graph and "
+                          f"produced opset {opset_used}; supported: {MIN_OPSET}-{max_opset()}")
     for proto in models.values():
         proto.producer_name = "returnt-zoo"
         onnx.checker.check_model(proto, full_check=True)

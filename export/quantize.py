@@ -15,7 +15,9 @@ from typing import Any, Dict, Optional, Sequence
 import numpy as np
 
 from export.atomic import atomic_path
-from export.manifest import file_entry, read_manifest, write_manifest
+from export.errors import ExportError
+from export.manifest import check_files, file_entry, read_manifest, write_manifest
+from export.transaction import DirectoryTransaction
 from zoo.base import RETURNT_MODES
 
 
@@ -56,41 +58,48 @@ def quantize_directory(directory: Path, calibration: Optional[np.ndarray] = None
     from export.verify import ort_session
 
     directory = Path(directory)
-    manifest = read_manifest(directory)
-    shape = manifest["input"]["shape"][1:]
-    source = "user inputs"
-    if calibration is None:
-        calibration, source = builtin_calibration(shape, samples), f"built-in: {samples} seeded N(0,1) inputs"
-    if tuple(calibration.shape[1:]) != tuple(shape):
-        raise ValueError(f"calibration inputs of shape {list(calibration.shape)} do not fit; "
-                         f"expected [N, {'x'.join(map(str, shape))}]")
-    modes = modes or [m for m in RETURNT_MODES if f"{m}.onnx" in manifest["files"]]
-    section = manifest.setdefault("quantized", {})
-    for mode in modes:
-        src, dst = directory / f"{mode}.onnx", directory / f"{mode}.int8.onnx"
-        t = time.perf_counter()
-        quantize_model(src, dst, calibration)
-        seconds = time.perf_counter() - t
-        probe = calibration[: min(8, len(calibration))]
-        fp32_session = ort_session(src)
-        fp32 = fp32_session.run(None, {"x": probe})
-        int8 = ort_session(dst).run(None, {"x": probe})
-        section[mode] = {
-            "file": dst.name, "format": "QDQ", "activations": "uint8", "weights": "int8 per-channel",
-            "calibration": source, "calibration_samples": int(len(calibration)),
-            "max_abs_vs_fp32": {o.name: float(np.abs(a - b).max())
-                                for o, a, b in zip(fp32_session.get_outputs(), int8, fp32)},
-            "seconds": round(seconds, 3),
-        }
-        manifest["files"][dst.name] = file_entry(dst)
-    manifest["files"] = dict(sorted(manifest["files"].items()))
-    write_manifest(directory, manifest)
+    with DirectoryTransaction(directory, keep_existing=True) as tx:
+        staging = tx.staging
+        manifest = read_manifest(staging)
+        shape = manifest["input"]["shape"][1:]
+        source = "user inputs"
+        if calibration is None:
+            calibration, source = builtin_calibration(shape, samples), f"built-in: {samples} seeded N(0,1) inputs"
+        if tuple(calibration.shape[1:]) != tuple(shape):
+            raise ExportError(f"calibration inputs of shape {list(calibration.shape)} do not fit; "
+                              f"expected [N, {'x'.join(map(str, shape))}]")
+        modes = modes or [m for m in RETURNT_MODES if f"{m}.onnx" in manifest["files"]]
+        check_files(staging, manifest, [f"{m}.onnx" for m in modes])
+        section = manifest.setdefault("quantized", {})
+        for mode in modes:
+            src, dst = staging / f"{mode}.onnx", staging / f"{mode}.int8.onnx"
+            t = time.perf_counter()
+            quantize_model(src, dst, calibration)
+            seconds = time.perf_counter() - t
+            probe = calibration[: min(8, len(calibration))]
+            fp32_session = ort_session(src)
+            fp32 = fp32_session.run(None, {"x": probe})
+            int8 = ort_session(dst).run(None, {"x": probe})
+            section[mode] = {
+                "file": dst.name, "format": "QDQ", "activations": "uint8", "weights": "int8 per-channel",
+                "calibration": source, "calibration_samples": int(len(calibration)),
+                "max_abs_vs_fp32": {o.name: float(np.abs(a - b).max())
+                                    for o, a, b in zip(fp32_session.get_outputs(), int8, fp32)},
+                "seconds": round(seconds, 3),
+            }
+            manifest["files"][dst.name] = file_entry(dst)
+        manifest["files"] = dict(sorted(manifest["files"].items()))
+        write_manifest(staging, manifest)
+        tx.commit()
     return section
 
 
 def load_inputs(path: Path) -> np.ndarray:
     if path.suffix == ".npy":
-        return np.load(path).astype(np.float32)
+        try:
+            return np.load(path, allow_pickle=False).astype(np.float32)
+        except (OSError, ValueError) as exc:
+            raise ExportError(f"{path}: not a readable .npy array ({str(exc).splitlines()[0]})") from None
     from zoo.weights import load_file
 
     return load_file(path).detach().cpu().numpy().astype(np.float32)

@@ -4,35 +4,41 @@ import warnings
 from pathlib import Path
 from typing import Any, Dict, Tuple
 
+import numpy as np
 import pytest
 import torch
 
+from export.verify import error_stats
 from tests.cases import case_for
 from zoo import get_backbone, list_backbones
+from zoo.unit_scale import set_unit_scale
 
 REPO = Path(__file__).resolve().parents[1]
 VECTORS = REPO.parent / "shared" / "vectors"
 
 
 def build_small(name: str) -> Tuple[Any, Tuple[int, ...]]:
-    """The backbone at its small test arguments, in eval(), and the test input shape."""
+    """The backbone at its small test arguments, in eval(), and the test input shape: random
+    BatchNorm affine parameters, running statistics from a forward pass (unit-scale
+    activations, as exports of random weights get), so eval-mode BN is really exercised and
+    every output has a magnitude a comparison can see."""
     case = case_for(name)
     torch.manual_seed(0)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # pretrained variants without weights
         net = case.build() if case.build else get_backbone(name, **case.kwargs)
-    randomise_bn(net)
-    return net.eval(), case.input_shape or tuple(net.input_shape)
+    shape = case.input_shape or tuple(net.input_shape)
+    randomise_bn_affine(net)
+    set_unit_scale(net, shape)
+    return net.eval(), shape
 
 
-def randomise_bn(net: torch.nn.Module, seed: int = 1) -> None:
-    """Non-trivial BatchNorm statistics so eval-mode BN is actually exercised (as the vectors)."""
+def randomise_bn_affine(net: torch.nn.Module, seed: int = 1) -> None:
+    """BatchNorm weights and biases away from 1 and 0."""
     gen = torch.Generator().manual_seed(seed)
     for m in net.modules():
         if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
             c = m.num_features
-            m.running_mean.copy_(torch.randn(c, generator=gen) * 0.1)
-            m.running_var.copy_(torch.rand(c, generator=gen) + 0.5)
             with torch.no_grad():
                 m.weight.copy_(1 + torch.randn(c, generator=gen) * 0.1)
                 m.bias.copy_(torch.randn(c, generator=gen) * 0.1)
@@ -56,6 +62,13 @@ def vector_files():
 
 def load_vector(path: Path) -> Dict[str, Any]:
     return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def assert_within_bound(got, want) -> None:
+    """The export's own bound (export.verify.error_stats), so tests and exports agree."""
+    stats = error_stats(np.asarray(got), np.asarray(want))
+    assert stats["ok"], (f"max |diff| {stats['max_abs']:.3g} (relative {stats['max_rel']:.3g}) "
+                         f"beyond the bound; {stats.get('error', '')}")
 
 
 _EXPORTS: Dict[str, Any] = {}

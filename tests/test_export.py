@@ -9,21 +9,12 @@ import pytest
 import torch
 
 from export.core import FORMATS
-from export.verify import ATOL, RTOL, as_list, load_torchscript, ort_session
-from tests.conftest import backbone_params
+from export.verify import as_list, load_torchscript, ort_session
+from tests.conftest import assert_within_bound, backbone_params
 from zoo import RETURNT_MODES
 
 BACKBONES = backbone_params()
 
-
-
-def assert_within_bound(got, want):
-    """SPEC §4 bound (absolute term in units of the output's scale, see export/verify.py)."""
-    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
-    assert got.shape == want.shape
-    scale = max(1.0, float(np.abs(want).max()))
-    excess = np.abs(got - want) - (ATOL * scale + RTOL * np.abs(want))
-    assert excess.max() <= 0, f"max |diff| {np.abs(got - want).max():.3g} beyond the bound"
 
 
 @pytest.mark.parametrize("name", BACKBONES)
@@ -91,6 +82,43 @@ def test_onnx_graph_is_inference_only(name, export):
         dims = model.graph.input[0].type.tensor_type.shape.dim
         assert dims[0].dim_param, "batch dimension must be dynamic"
         assert len(model.graph.initializer) > 0
+
+
+@pytest.mark.parametrize("name", BACKBONES)
+def test_one_changed_weight_fails_verification(name, export, tmp_path):
+    """Verification can fail: the export's own check rejects a graph with one weight changed."""
+    from onnx import numpy_helper
+
+    from export.verify import eager_outputs, sample_inputs, verify_onnx
+
+    net, result = export
+    manifest = result.manifest
+    names = [o["name"] for o in manifest["modes"]["full"]["outputs"]]
+    inputs = sample_inputs(manifest["input"]["shape"][1:])
+    expected = eager_outputs(net, "full", inputs, "cpu")
+    source = result.directory / "full.onnx"
+    assert all(s["ok"] for s in verify_onnx(source, names, inputs, expected, "cpu").values())
+    model = onnx.load(str(source))
+    consumed = {i for node in model.graph.node for i in node.input}
+    entry = next(e for e in manifest["flat_params"]["layout"] if e["onnx_name"] in consumed)
+    init = next(t for t in model.graph.initializer if t.name == entry["onnx_name"])
+    values = numpy_helper.to_array(init).copy()
+    values.flat[0] += max(0.1, float(np.abs(values).max()))
+    init.CopyFrom(numpy_helper.from_array(values, init.name))
+    tampered = tmp_path / "full.onnx"
+    onnx.save(model, str(tampered))
+    stats = verify_onnx(tampered, names, inputs, expected, "cpu")
+    assert not all(s["ok"] for s in stats.values()), f"{entry['name']} changed, yet verified: {stats}"
+
+
+@pytest.mark.parametrize("name", BACKBONES)
+def test_outputs_have_unit_scale(name, export):
+    """Random test weights keep every output far from zero (BN statistics from a forward pass)."""
+    net, result = export
+    x = torch.randn(3, *result.manifest["input"]["shape"][1:], generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        for out, spec in zip(net(x, returnt="full"), result.manifest["modes"]["full"]["outputs"]):
+            assert out.abs().max() > 1e-2, (spec["name"], float(out.abs().max()))
 
 
 @pytest.mark.parametrize("name", ["resnet18", "mnistmlp"])

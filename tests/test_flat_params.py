@@ -10,8 +10,7 @@ import torch
 from export.flat_params import OnnxParamsError, read_onnx_params, write_onnx_params
 from export.manifest import read_manifest
 from export.verify import as_list, load_torchscript, ort_session
-from tests.conftest import backbone_params
-from tests.test_export import assert_within_bound
+from tests.conftest import assert_within_bound, backbone_params
 from zoo import RETURNT_MODES
 
 BACKBONES = backbone_params()

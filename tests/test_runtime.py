@@ -10,8 +10,7 @@ import torch
 
 from export.cli import main
 from export.runtime import OnnxBackbone
-from tests.conftest import backbone_params
-from tests.test_export import assert_within_bound
+from tests.conftest import assert_within_bound, backbone_params
 from zoo import RETURNT_MODES
 
 BACKBONES = backbone_params()

@@ -5,6 +5,8 @@ import sys
 import warnings
 from typing import List, Optional
 
+import torch
+
 from zoo.registry import get_backbone, get_entry, list_backbones
 
 
@@ -13,7 +15,8 @@ def describe(name: str) -> str:
     entry = get_entry(name)
     kwargs = {a.name: a.default for a in entry.args if not a.required}
     kwargs.update(entry.example)  # required arguments: the registered example values
-    with warnings.catch_warnings():
+    # built on the meta device: shapes and counts without allocating or initialising weights
+    with warnings.catch_warnings(), torch.device("meta"):
         warnings.simplefilter("ignore")  # pretrained variants warn about missing weights
         net = get_backbone(name, **kwargs)
     shown = ", ".join(f"{k}={v!r}" for k, v in kwargs.items())

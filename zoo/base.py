@@ -9,7 +9,7 @@ backbones implement it as three pieces: `forward_stages(x)`, `forward_pool(last_
 
 
 from dataclasses import dataclass
-from typing import List, Tuple, Union
+from typing import Dict, List, Tuple, Union
 
 import torch
 from torch import Tensor, nn
@@ -26,6 +26,12 @@ class Stage:
     name: str
     channels: int
     channel_dim: int = 1  # -1 for token sequences [B, N, C]
+
+
+def mode_outputs(full_names: List[str]) -> Dict[str, List[str]]:
+    """Which of the `'full'` outputs each mode returns, by name and in its order."""
+    return {"out": ["logits"], "features": ["features"], "both": ["logits", "features"],
+            "full": list(full_names)}
 
 
 def check_returnt(returnt: str) -> str:

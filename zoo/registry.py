@@ -2,7 +2,8 @@
 
 Mammoth's `@register_backbone(name)` contract (SPEC §2): names are normalised (lower case,
 `_` == `-`), arguments come from the builder's signature, and every CLI gets an argparse group
-built from that inference. The registry is an object so tests can inject their own.
+built from that inference. Integer arguments are counts and sizes (classes, filters, depth,
+width): values below 1 are refused. The registry is an object so tests can inject their own.
 """
 
 from __future__ import annotations
@@ -99,6 +100,8 @@ class ArgSpec:
                 f"argument {self.name!r} must be {self.type.__name__}, "
                 f"got {type(value).__name__} {value!r}"
             )
+        if self.type is int and value < 1:  # every integer argument of a backbone is a size
+            raise ValueError(f"argument {self.name!r} must be a positive integer, got {value}")
         if self.choices and value not in self.choices:
             raise ValueError(
                 f"argument {self.name!r} must be one of {list(self.choices)}, got {value!r}"

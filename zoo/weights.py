@@ -49,18 +49,24 @@ def load_file(path: str | Path, allow_unsafe_pickle: bool = False) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=not allow_unsafe_pickle)
     except pickle.UnpicklingError as exc:
-        if allow_unsafe_pickle:
-            raise CheckpointError(f"{path}: cannot be unpickled ({exc})") from None
         found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(exc))
-        needs = f"it needs {found.group(1)}" if found else "it needs more than tensors"
+        if allow_unsafe_pickle or not found:  # not a pickle that weights_only refused: corrupt
+            raise CheckpointError(f"{path}: not a readable PyTorch file ({_first_line(exc)})") from None
         raise UnsafeCheckpointError(
-            f"{path}: refused, not a weights-only pickle ({needs}; unpickling it can run code "
-            f"from the file); if you trust its source, pass --allow-unsafe-pickle "
+            f"{path}: refused, not a weights-only pickle (it needs {found.group(1)}; unpickling it "
+            f"can run code from the file); if you trust its source, pass --allow-unsafe-pickle "
             f"(allow_unsafe_pickle=True)"
         ) from None
-    except (RuntimeError, EOFError, OSError) as exc:
-        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise CheckpointError(f"{path}: not a readable PyTorch file ({first[:200]})") from None
+    except MemoryError:
+        raise CheckpointError(f"{path}: not a readable PyTorch file (it asks for more memory "
+                              "than there is: corrupt?)") from None
+    except Exception as exc:  # noqa: BLE001 - any failure to parse untrusted bytes is a bad file
+        raise CheckpointError(f"{path}: not a readable PyTorch file ({_first_line(exc)})") from None
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return (text.splitlines()[0] if text else type(exc).__name__)[:200]
 
 
 def _summarise(keys: Iterable[str], limit: int = 8) -> str:
