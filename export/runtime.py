@@ -101,8 +101,8 @@ class OnnxBackbone:
                 from export.flat_params import model_from_bytes, set_model_params
 
                 model = set_model_params(model_from_bytes(data, self.directory / name),
-                                         self._params, self.manifest["flat_params"]["layout"],
-                                         self.directory / name, self._allow_nonfinite)
+                                         self._params, self._layout(), self.directory / name,
+                                         self._allow_nonfinite)
                 data = model.SerializeToString()
             self._sessions[mode] = ort.InferenceSession(data, self.options, providers=self.providers)
         return self._sessions[mode]
@@ -143,6 +143,12 @@ class OnnxBackbone:
 
     forward = __call__
 
+    def _layout(self):
+        """The manifest's flat-parameter layout, checked to tile the vector."""
+        from export.flat_params import layout_for
+
+        return layout_for(self.directory, self.manifest)
+
     def get_params(self):
         """The flat parameter vector (eager `parameters()` order) as a torch tensor."""
         if self._params is not None:
@@ -152,8 +158,8 @@ class OnnxBackbone:
         name = f"{self.modes[0]}.onnx"
         data = (read_verified(self.directory, self.manifest, name) if self.verify_hashes
                 else (self.directory / name).read_bytes())
-        return params_of_model(model_from_bytes(data, self.directory / name),
-                               self.manifest["flat_params"]["layout"], self.directory / name)
+        return params_of_model(model_from_bytes(data, self.directory / name), self._layout(),
+                               self.directory / name)
 
     def set_params(self, vector, allow_nonfinite: bool = False) -> None:
         """Use `vector` as the parameters: validated, then every session is rebuilt in memory.
@@ -161,7 +167,7 @@ class OnnxBackbone:
         sessions built from this vector)."""
         from export.flat_params import check_params_vector
 
-        check_params_vector(vector, self.manifest["flat_params"]["layout"], allow_nonfinite)
+        check_params_vector(vector, self._layout(), allow_nonfinite)
         self._params = vector.detach().cpu().clone()
         self._allow_nonfinite = allow_nonfinite
         self._sessions.clear()

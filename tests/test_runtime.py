@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from export.cli import main
+from export.errors import ManifestError
 from export.runtime import OnnxBackbone
 from tests.conftest import assert_within_bound, backbone_params
 from zoo import RETURNT_MODES
@@ -56,7 +57,7 @@ def test_onnx_backbone_bad_input(name, export, tmp_path):
     ref = net(x.contiguous())
     torch.testing.assert_close(net(x), ref)
     torch.testing.assert_close(net(x.double()), ref, rtol=1e-5, atol=1e-5)  # float64 converted
-    with pytest.raises(FileNotFoundError, match="no manifest.json"):
+    with pytest.raises(ManifestError, match="no manifest.json"):
         OnnxBackbone(tmp_path)
     with pytest.raises(ValueError, match="unknown optimization"):
         OnnxBackbone(result.directory, optimization="max")
@@ -98,13 +99,13 @@ def test_verify_command(name, export, tmp_path, capsys):
     shutil.copytree(result.directory, copy_dir)
     assert main(["verify", str(copy_dir)]) == 0
     out = capsys.readouterr().out
-    assert "16 passed, 0 failed" in out and "MISMATCH" not in out
+    assert "24 passed, 0 failed" in out and "MISMATCH" not in out  # 8 files x (params + outputs)
     target = copy_dir / "full.onnx"
     data = bytearray(target.read_bytes())
     data[len(data) // 2] ^= 0x01  # one flipped bit in the middle of the weights
     target.write_bytes(bytes(data))
     assert main(["verify", str(copy_dir)]) == 1
-    assert "full.onnx: sha256 does not match the manifest" in capsys.readouterr().err
+    assert "full.onnx: sha256 does not match manifest.json" in capsys.readouterr().err
     (copy_dir / "manifest.json").unlink()
     assert main(["verify", str(copy_dir)]) == 2
     assert "no manifest.json" in capsys.readouterr().err
@@ -123,7 +124,7 @@ def test_verify_onnx_only_directory(name, export, tmp_path, capsys):
     (d / "manifest.json").write_text(json.dumps(manifest))
     assert main(["quantize", str(d), "--modes", "out"]) == 0
     assert main(["verify", str(d)]) == 0
-    assert "8 passed, 0 failed" in capsys.readouterr().out
+    assert "12 passed, 0 failed" in capsys.readouterr().out  # 4 ONNX files x (params + outputs)
     manifest["backbone"]["name"] = "not-a-backbone"
     (d / "manifest.json").write_text(json.dumps(manifest))
     assert main(["verify", str(d)]) == 1
