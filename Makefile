@@ -12,7 +12,7 @@ ARGS ?=
 OUT ?= artifacts
 PYTEST_ARGS ?=
 
-.PHONY: install test export export-all bench clean help
+.PHONY: install test lint export export-all bench clean help
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*##/\t/'
@@ -27,6 +27,9 @@ install: $(STAMP)  ## create .venv and install the package with test extras
 
 test: $(STAMP)  ## run the whole test suite
 	$(PY) -m pytest -n 2 --dist loadgroup $(PYTEST_ARGS)
+
+lint: $(STAMP)  ## ruff (configured in pyproject.toml); CI runs it
+	$(PY) -m ruff check .
 
 export: $(STAMP)  ## export one backbone: make export BACKBONE=resnet [ARGS="--depth 34"]
 	$(PY) -m export $(BACKBONE) --example-args --out $(OUT) $(ARGS)

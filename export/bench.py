@@ -22,8 +22,8 @@ import torch
 
 from export.atomic import atomic_write_bytes
 from export.core import export_backbone
-from export.tables import format_table
 from export.quantize import builtin_calibration, quantize_model
+from export.tables import format_table
 from export.verify import load_torchscript, ort_session
 from zoo.registry import REGISTRY, get_entry
 
@@ -196,7 +196,7 @@ def run_bench(argv: Sequence[str]) -> int:
             x = np.random.default_rng(batch).standard_normal((batch, *shape)).astype(np.float32)
             xt = torch.from_numpy(x)
             with torch.no_grad():
-                times = time_call(lambda: runtimes[name](x, xt), args.seconds)
+                times = time_call(lambda fn=runtimes[name], a=x, t=xt: fn(a, t), args.seconds)
             median = statistics.median(times)
             gflops = flops * batch / median / 1e9
             rows.append({"runtime": name, "batch": batch, "runs": len(times),

@@ -21,14 +21,23 @@ from typing import Any, Dict, List, Optional, Sequence
 import torch
 
 from export.checkpoint import Checkpoint, read_checkpoint
-from export.core import (FORMATS, ExportResult, check_device, check_dir_name, check_opset,
-                         export_backbone, nonfinite_problem, parse_list)
+from export.core import (
+    FORMATS,
+    ExportResult,
+    check_device,
+    check_dir_name,
+    check_opset,
+    export_backbone,
+    nonfinite_problem,
+    parse_list,
+)
 from export.errors import ExportError
 from export.tables import format_table
 from zoo.base import RETURNT_MODES
 from zoo.registry import REGISTRY, BackboneEntry, get_entry, list_backbones, normalise_name
-from zoo.weights import CheckpointError, load_state_dict_strict
 from zoo.unit_scale import set_unit_scale
+from zoo.weights import CheckpointError, load_state_dict_strict
+
 
 class CliError(ExportError):
     """A one-line user error of the command line: printed as `error: ...`, exit status 2."""
@@ -101,19 +110,24 @@ def _args_from_checkpoint(entry: BackboneEntry, ckpt: Checkpoint) -> Dict[str, A
             if a.name in ckpt.args and ckpt.args[a.name] is not None}
 
 
-def _build(name: str, argv: Sequence[str], ckpt: Optional[Checkpoint], seed: int,
-           use_examples: bool = False):
-    """Parse the backbone's own options (registry-inferred) and build it."""
+def _parse_full(name: str, argv: Sequence[str]):
+    """The whole command line, with the backbone's own (registry-inferred) options: only the
+    ones given appear in the namespace."""
     entry = get_entry(name)
     parser = _base_parser(add_help=True)
-    REGISTRY.add_argparse_group(parser, entry.name, required=False)
-    ns = parser.parse_args(argv)
-    given = {a.name for a in entry.args if any(t == a.flag or t.startswith(a.flag + "=") for t in argv)}
+    REGISTRY.add_argparse_group(parser, entry.name, required=False, only_given=True)
+    return entry, parser.parse_args(argv)
+
+
+def _build(entry: BackboneEntry, ns: argparse.Namespace, ckpt: Optional[Checkpoint], seed: int,
+           use_examples: bool = False):
+    """Build the backbone: arguments given on the command line, else from the checkpoint, else
+    the defaults (or, for required ones with `use_examples`, the registry's examples)."""
     kwargs = _args_from_checkpoint(entry, ckpt) if ckpt else {}
-    kwargs.update({a.name: getattr(ns, a.name) for a in entry.args if a.name in given})
+    kwargs.update({a.name: getattr(ns, a.name) for a in entry.args if hasattr(ns, a.name)})
     for a in entry.args:
         if a.name not in kwargs and not a.required:
-            kwargs[a.name] = getattr(ns, a.name)
+            kwargs[a.name] = a.default
         elif a.name not in kwargs and use_examples and a.name in entry.example:
             kwargs[a.name] = entry.example[a.name]
             print(f"note: {a.flag} not given, using the example value {entry.example[a.name]!r}",
@@ -150,7 +164,7 @@ def run_export(argv: Sequence[str]) -> int:
     parse_list(first.formats, FORMATS, "format")
     check_device(first.device)
     check_opset(first.opset)
-    shape = _parse_shape(first.input_shape)
+    _parse_shape(first.input_shape)
     if first.name is not None:
         check_dir_name(first.name)
     ckpt = None
@@ -173,13 +187,14 @@ def run_export(argv: Sequence[str]) -> int:
         get_entry(name)
     except KeyError as exc:
         raise CliError(exc.args[0]) from None
-    entry, net, kwargs = _build(name, argv, ckpt, first.seed, first.example_args)
+    entry, opts = _parse_full(name, argv)  # the options as the full parser reads them
+    entry, net, kwargs = _build(entry, opts, ckpt, opts.seed, opts.example_args)
     if ckpt:
         load_state_dict_strict(net, ckpt.state_dict, what=f"checkpoint {str(ckpt.path)!r}")
     else:
-        set_unit_scale(net, tuple(net.input_shape), first.seed)
-    out_dir = first.out / (first.name or dir_name(entry, kwargs))
-    result = _export(net, out_dir, first, _source(ckpt, first.seed))
+        set_unit_scale(net, tuple(net.input_shape), opts.seed)
+    out_dir = opts.out / (check_dir_name(opts.name) if opts.name is not None else dir_name(entry, kwargs))
+    result = _export(net, out_dir, opts, _source(ckpt, opts.seed))
     _print_result(result)
     return 0 if result.ok else 1
 

@@ -14,8 +14,7 @@ from export.errors import ExportError, IntegrityError
 from export.flat_params import OnnxParamsError, read_onnx_params, refuse_export_file, write_onnx_params
 from export.manifest import check_files, layout_problem, read_manifest, stray_files
 from export.tables import format_table
-from export.verify import (eager_outputs, load_torchscript, sample_inputs, verify_onnx,
-                           verify_torchscript)
+from export.verify import eager_outputs, load_torchscript, sample_inputs, verify_onnx, verify_torchscript
 from zoo.heads import BACKBONE_PREFIX
 from zoo.registry import get_backbone
 from zoo.weights import load_state_dict_strict

@@ -14,8 +14,7 @@ from export.errors import ExportError
 from export.manifest import file_entry, param_layout, versions, write_manifest
 from export.torchscript_export import save_torchscript, script_head
 from export.transaction import DirectoryTransaction
-from export.verify import (ATOL, REL_FLOOR, RTOL, eager_outputs, sample_inputs, verify_onnx,
-                           verify_torchscript)
+from export.verify import ATOL, REL_FLOOR, RTOL, eager_outputs, sample_inputs, verify_onnx, verify_torchscript
 from zoo.base import RETURNT_MODES, MammothBackbone, mode_outputs
 
 FORMATS: Tuple[str, ...] = ("torchscript", "onnx")

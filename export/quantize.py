@@ -28,8 +28,7 @@ def builtin_calibration(input_shape: Sequence[int], samples: int = 32, seed: int
 def quantize_model(src: Path, dst: Path, calibration: np.ndarray, batch: int = 8) -> None:
     """Static QDQ quantization of one ONNX file (u8 activations, per-channel s8 weights)."""
     import onnxruntime
-    from onnxruntime.quantization import (CalibrationDataReader, QuantFormat, QuantType,
-                                          quantize_static)
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     class Reader(CalibrationDataReader):
@@ -119,7 +118,7 @@ def run_quantize(argv: Sequence[str]) -> int:
     modes = parse_list(args.modes, RETURNT_MODES, "mode") if args.modes else None
     calib = load_inputs(args.calibration) if args.calibration else None
     section = quantize_directory(args.directory, calib, modes, args.samples)
-    for mode, info in section.items():
+    for info in section.values():
         err = max(info["max_abs_vs_fp32"].values())
         print(f"{args.directory / info['file']}: max |int8-fp32| {err:.3g} ({info['calibration']})")
     return 0

@@ -1,6 +1,6 @@
 """Plain-text tables for command output (export --all, verify, bench)."""
 
-from typing import Any, List, Sequence
+from typing import Any, Sequence
 
 
 def format_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:

@@ -51,7 +51,7 @@ def case_for(name: str) -> Case:
 
 @dataclass(frozen=True)
 class KnownException:
-    """Something of SPEC §3/§4 the zoo does not provide (yet), and why."""
+    """A backbone, mode or format the zoo promises but does not provide (yet), and why."""
 
     backbone: str
     reason: str
@@ -59,10 +59,10 @@ class KnownException:
     format: str = "*"
 
 
-KNOWN_EXCEPTIONS: list = []  # nothing of SPEC §3/§4 is missing
+KNOWN_EXCEPTIONS: list = []  # every promised backbone x mode x format is provided
 
-#: every backbone name SPEC §3 promises
-SPEC_BACKBONES = (
+#: every backbone name the zoo promises (Mammoth's registered names that exist outside PNN)
+PROMISED_BACKBONES = (
     "resnet18", "resnet34", "preact-resnet18", "reduced-resnet18", "resnet18-spr",
     "resnet18-7x7-pt", "resnet32", "resnet50", "resnet50-pt", "mnistmlp", "efficientnet",
     "vit", "resnet",

@@ -14,7 +14,11 @@ from zoo import get_backbone, list_backbones
 from zoo.unit_scale import set_unit_scale
 
 REPO = Path(__file__).resolve().parents[1]
-VECTORS = REPO.parent / "shared" / "vectors"
+#: Mammoth reference vectors shipped with the repository (a plain clone tests itself)
+VECTORS = REPO / "tests" / "data" / "vectors"
+#: the CI's shared data beside the clone: also holds the two large vector files
+SHARED_VECTORS = REPO.parent / "shared" / "vectors"
+LARGE_VECTORS = ("efficientnet-b0.pt", "reduced-resnet18.pt")
 
 
 def build_small(name: str) -> Tuple[Any, Tuple[int, ...]]:
@@ -55,9 +59,15 @@ def backbone_params():
 
 
 def vector_files():
-    if not VECTORS.is_dir():
-        return []
-    return sorted(VECTORS.glob("*.pt")) + sorted((VECTORS / "extra").glob("*.pt"))
+    """pytest params: the bundled vectors, then the large ones from ../shared/vectors (skipped,
+    with the reason, on a clone without it)."""
+    bundled = sorted(VECTORS.glob("*.pt")) + sorted((VECTORS / "extra").glob("*.pt"))
+    params = [pytest.param(p, id=p.name) for p in bundled]
+    for name in LARGE_VECTORS:
+        path = SHARED_VECTORS / name
+        params.append(pytest.param(path, id=name, marks=pytest.mark.skipif(
+            not path.is_file(), reason=f"{name} is only in ../shared/vectors (CI), not beside this clone")))
+    return params
 
 
 def load_vector(path: Path) -> Dict[str, Any]:

@@ -1,4 +1,4 @@
-"""Every registered backbone x every returnt mode: the SPEC §1 contract and flat parameters."""
+"""Every registered backbone x every returnt mode: the returnt contract and flat parameters."""
 
 import pytest
 import torch

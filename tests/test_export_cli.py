@@ -194,3 +194,23 @@ def test_opset_option(capsys, tmp_path):
 
     model = onnx.load(str(tmp_path / "mnistmlp" / "out.onnx"))
     assert [o.version for o in model.opset_import if o.domain in ("", "ai.onnx")] == [18]
+
+
+def test_abbreviated_backbone_arguments(capsys, tmp_path):
+    """argparse abbreviations (--dep for --depth) count as given, like the full flag."""
+    code, _, err = run(capsys, "resnet", "--dep", "18", "--num_c", "3", "--formats", "onnx",
+                       "--modes", "out", "--out", tmp_path, "--name", "r")
+    assert code == 0, err
+    assert json.loads((tmp_path / "r" / "manifest.json").read_text())["backbone"]["args"] == {
+        "depth": 18, "width": 1, "num_classes": 3}
+
+
+def test_pretrained_weights_error_names_the_registered_backbone(tmp_path):
+    from zoo import get_backbone
+    from zoo.weights import CheckpointError
+
+    torch.save({"conv1.weight": torch.zeros(1)}, tmp_path / "w.pth")
+    with pytest.raises(CheckpointError, match="does not fit backbone 'resnet50-pt'"):
+        get_backbone("resnet50-pt", weights=str(tmp_path / "w.pth"))
+    with pytest.raises(CheckpointError, match="does not fit backbone 'tv-resnet18'"):
+        get_backbone("tv-resnet18", weights=str(tmp_path / "w.pth"))

@@ -1,4 +1,4 @@
-"""Registry inference (SPEC §2), on an injected registry so nothing leaks into the real one."""
+"""Registry inference from signatures, on an injected registry so nothing leaks into the real one."""
 
 import argparse
 from typing import Literal
@@ -6,7 +6,7 @@ from typing import Literal
 import pytest
 import torch
 
-from tests.cases import KNOWN_EXCEPTIONS, SPEC_BACKBONES
+from tests.cases import KNOWN_EXCEPTIONS, PROMISED_BACKBONES
 from zoo import MammothBackbone, Registry, get_backbone, list_backbones
 from zoo.registry import REQUIRED, parse_bool
 
@@ -102,8 +102,8 @@ def test_list_globs():
 
 def test_every_spec_backbone_registered_or_excepted():
     excepted = {k.backbone for k in KNOWN_EXCEPTIONS if k.mode == "*" and k.format == "*"}
-    missing = [n for n in SPEC_BACKBONES if n not in list_backbones() and n not in excepted]
-    assert not missing, f"SPEC backbones neither registered nor in KNOWN_EXCEPTIONS: {missing}"
+    missing = [n for n in PROMISED_BACKBONES if n not in list_backbones() and n not in excepted]
+    assert not missing, f"promised backbones neither registered nor in KNOWN_EXCEPTIONS: {missing}"
 
 
 def test_required_marker_repr():

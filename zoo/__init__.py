@@ -1,5 +1,10 @@
-"""returnt-zoo: Mammoth-compatible backbones whose every `returnt` mode can be exported."""
+"""returnt-zoo: Mammoth-compatible backbones whose every `returnt` mode can be exported.
 
+Importing the package registers every backbone family (registration by import, as torchvision
+and timm do): `zoo.REGISTRY.names()` is complete right after `import zoo`.
+"""
+
+import zoo.backbones  # noqa: F401  (registration by import: every family registers itself)
 from zoo.base import RETURNT_MODES, MammothBackbone, Stage, check_returnt
 from zoo.registry import (
     REGISTRY,

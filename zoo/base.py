@@ -1,4 +1,4 @@
-"""`MammothBackbone`: the returnt contract (SPEC §1) and flat parameter vectors.
+"""`MammothBackbone`: the returnt contract and flat parameter vectors.
 
 Everything is built on one typed, scriptable method, `forward_full(x) -> List[Tensor]`
 (`[stage_0..stage_k, features, logits]`): the string-driven `forward(x, returnt)` and the

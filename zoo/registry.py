@@ -1,6 +1,6 @@
 """The backbone registry: one dict of builders, their arguments inferred from signatures.
 
-Mammoth's `@register_backbone(name)` contract (SPEC §2): names are normalised (lower case,
+Mammoth's `@register_backbone(name)` contract: names are normalised (lower case,
 `_` == `-`), arguments come from the builder's signature, and every CLI gets an argparse group
 built from that inference. Integer arguments are counts and sizes (classes, filters, depth,
 width): values below 1 are refused. The registry is an object so tests can inject their own.
@@ -168,7 +168,9 @@ def _annotation_type(annotation: Any, default: Any) -> Tuple[type, Optional[Tupl
 
 
 def infer_args(builder: Callable[..., Any]) -> Tuple[ArgSpec, ...]:
-    """Arguments of a builder function or of a class's `__init__` (SPEC §2)."""
+    """Arguments of a builder function or of a class's `__init__`: a parameter with a default is
+    optional; its type is the annotation, else the default's type, else str; `Literal[...]`
+    gives choices; `self` and `_names` are skipped; `num_classes` defaults to 10."""
     target = builder.__init__ if inspect.isclass(builder) else builder
     try:
         hints = typing.get_type_hints(target, include_extras=False)
@@ -254,12 +256,15 @@ class Registry:
         return names
 
     def add_argparse_group(
-        self, parser: argparse.ArgumentParser, name: str, required: bool = True
+        self, parser: argparse.ArgumentParser, name: str, required: bool = True,
+        only_given: bool = False,
     ) -> argparse._ArgumentGroup:
         """Add `--arg` options for the backbone's inferred arguments to `parser`.
 
         With `required=False`, required backbone arguments are optional on the parser (for CLIs
-        that can fill them from elsewhere, e.g. a checkpoint) and must be checked later.
+        that can fill them from elsewhere, e.g. a checkpoint) and must be checked later. With
+        `only_given=True` the namespace holds only the arguments given on the command line
+        (argparse.SUPPRESS defaults, abbreviations included), so a CLI can tell given from default.
         """
         entry = self.entry(name)
         group = parser.add_argument_group(f"arguments of backbone {entry.name!r}")
@@ -276,6 +281,8 @@ class Registry:
             else:
                 kwargs["default"] = spec.default
                 kwargs["help"] = f"{spec.type.__name__}, default: {spec.default!r}"
+            if only_given:
+                kwargs["default"] = argparse.SUPPRESS
             group.add_argument(spec.flag, **kwargs)
         return group
 
@@ -291,13 +298,20 @@ def register_backbone(name: str, example: Optional[Dict[str, Any]] = None
 
 def get_entry(name: str) -> BackboneEntry:
     """The registry entry (builder and inferred arguments) of a backbone name."""
-    _ensure_loaded()
     return REGISTRY.entry(name)
 
 
 def get_backbone(name: str, **kwargs: Any) -> Any:
-    """Build a registered backbone; unknown names list the closest registered ones."""
-    _ensure_loaded()
+    """Build a registered backbone (a `MammothBackbone`).
+
+    Args:
+        name: a registered name (`python -m zoo list`); `_` and `-` and case do not matter.
+        **kwargs: the backbone's own arguments, checked against its signature (unknown ones,
+            wrong types and non-positive sizes are refused; required ones must be given).
+    Raises:
+        KeyError: unknown name (the message lists the closest registered ones).
+        TypeError, ValueError: bad arguments, in one line.
+    """
     return REGISTRY.build(name, **kwargs)
 
 
@@ -305,10 +319,4 @@ def list_backbones(
     include: Optional[Sequence[str] | str] = None, exclude: Optional[Sequence[str] | str] = None
 ) -> List[str]:
     """Registered names, optionally filtered by glob patterns (`'resnet*'`)."""
-    _ensure_loaded()
     return REGISTRY.names(include, exclude)
-
-
-def _ensure_loaded() -> None:
-    """Registration happens by import: make sure the family modules have been imported."""
-    import zoo.backbones  # noqa: F401

@@ -97,11 +97,13 @@ def state_dict_mismatch(net: nn.Module, state_dict: Mapping[str, Any]) -> str:
     return "; ".join(parts)
 
 
-def load_state_dict_strict(net: nn.Module, state_dict: Mapping[str, Any], what: str = "") -> None:
-    """`load_state_dict(strict=True)` with a one-line error that lists the bad keys."""
+def load_state_dict_strict(net: nn.Module, state_dict: Mapping[str, Any], what: str = "",
+                           name: str = "") -> None:
+    """`load_state_dict(strict=True)` with a one-line error that lists the bad keys; `name` is
+    the registered backbone name for the message (default: the one the registry recorded)."""
     problem = state_dict_mismatch(net, state_dict)
     if problem:
-        name = getattr(net, "registry_name", type(net).__name__)
+        name = name or getattr(net, "registry_name", type(net).__name__)
         raise CheckpointError(f"{what or 'state_dict'} does not fit backbone {name!r}: {problem}")
     net.load_state_dict(state_dict, strict=True)
 
@@ -111,12 +113,14 @@ def load_pretrained(
     path: str | Path,
     rename: Optional[Callable[[str], Optional[str]]] = None,
     head: Optional[Tuple[str, str]] = None,
+    name: str = "",
 ) -> None:
     """Load a pretrained (e.g. ImageNet) weights file the way Mammoth does.
 
     `rename` maps each file key to ours (None drops it). `head` = (prefix in the file, prefix in
     `net`) of the classifier: used when its shapes fit, else `net`'s own (random) classifier is
-    kept, as for a new number of classes. Everything else must match exactly.
+    kept, as for a new number of classes. Everything else must match exactly. `name` is the
+    registered backbone name used in errors (the builder runs before the registry records it).
     """
     raw = load_file(path)
     if not isinstance(raw, Mapping):
@@ -134,7 +138,7 @@ def load_pretrained(
     for key, value in current.items():  # the classifier is new: keep the random one
         if key.startswith("classifier.") or (head and key.startswith(head[1])):
             state.setdefault(key, value)
-    load_state_dict_strict(net, state, what=f"weights file {str(path)!r}")
+    load_state_dict_strict(net, state, what=f"weights file {str(path)!r}", name=name)
 
 
 def warn_random_weights(name: str, source: str) -> None:

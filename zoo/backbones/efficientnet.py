@@ -8,7 +8,7 @@ computes the same function), block arguments are plain attributes instead of nam
 """
 
 import math
-from typing import List, Literal, Tuple, get_args
+from typing import List, Literal
 
 import torch
 import torch.nn.functional as F
@@ -175,11 +175,9 @@ def efficientnet(num_classes: int, efficientnet_type: EfficientNetType, pretrain
     """Mammoth's EfficientNet b0-b8/l2; `pretrained` takes lukemelas' weights from `weights`."""
     net = EfficientNet(efficientnet_type, num_classes)
     if weights:
-        load_pretrained(net, weights, head=("_fc.", "classifier."))
+        load_pretrained(net, weights, head=("_fc.", "classifier."), name="efficientnet")
     elif pretrained:
         warn_random_weights(f"efficientnet-{efficientnet_type}",
                             f"lukemelas' efficientnet-{efficientnet_type} ImageNet weights")
     return net
 
-
-VALID_TYPES: Tuple[str, ...] = get_args(EfficientNetType)

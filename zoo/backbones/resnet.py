@@ -190,7 +190,7 @@ def _torchvision_basic_rename(key: str) -> Optional[str]:
 
 def _with_weights(net: "ResNet", name: str, weights: str, pretrained: bool, source: str, rename) -> "ResNet":
     if weights:
-        load_pretrained(net, weights, rename)
+        load_pretrained(net, weights, rename, name=name)
     elif pretrained:
         warn_random_weights(name, source)
     return net

@@ -52,7 +52,7 @@ def _stage_nodes(model: nn.Module, name: str) -> List[str]:
 class TorchvisionBackbone(MammothBackbone):
     """A torchvision classifier whose `'full'` output comes from one feature-extraction graph."""
 
-    def __init__(self, model: str, num_classes: int = 10, weights: str = "") -> None:
+    def __init__(self, model: str, num_classes: int = 10, weights: str = "", name: str = "tv") -> None:
         super().__init__()
         import torchvision
         from torchvision.models.feature_extraction import create_feature_extractor, get_graph_node_names
@@ -69,7 +69,7 @@ class TorchvisionBackbone(MammothBackbone):
             raise ValueError(f"torchvision model {model!r} has no Linear classifier")
         classifier = linears[-1]
         if weights:  # the torchvision layout; the classifier is kept when its shapes fit
-            load_pretrained(net, weights, head=(classifier + ".", classifier + "."))
+            load_pretrained(net, weights, head=(classifier + ".", classifier + "."), name=name)
         _, eval_nodes = get_graph_node_names(net)
         features_node = eval_nodes[eval_nodes.index(classifier) - 1]
         stage_nodes = _stage_nodes(net, model)
@@ -92,7 +92,6 @@ class TorchvisionBackbone(MammothBackbone):
             Stage(node, probe[key].shape[-1 if probe[key].dim() == 3 else 1],
                   channel_dim=-1 if probe[key].dim() == 3 else 1)
             for node, key in zip(stage_nodes, names))
-        self.torchvision_name = model
 
     def forward_full(self, x: Tensor) -> List[Tensor]:
         out = self.model(x)
@@ -107,7 +106,7 @@ def tv(model: str, num_classes: int = 10, weights: str = "") -> TorchvisionBackb
 
 def _register_family(name: str, tv_name: str) -> None:
     def build(num_classes: int = 10, weights: str = "") -> TorchvisionBackbone:
-        return TorchvisionBackbone(tv_name, num_classes, weights)
+        return TorchvisionBackbone(tv_name, num_classes, weights, name)
 
     build.__doc__ = f"torchvision's {tv_name} (random weights, or a local weights file)"
     register_backbone(name)(build)

@@ -129,7 +129,7 @@ def vit(num_classes: int, pretrained: bool = True, pretrain_type: str = "in21k-f
     """ViT-B/16 at 224x224 (Mammoth's); pretrained weights come from a local timm file."""
     net = VisionTransformer(num_classes=num_classes)
     if weights:
-        load_pretrained(net, weights, rename=_timm_rename, head=("head.", "head.heads.0."))
+        load_pretrained(net, weights, rename=_timm_rename, head=("head.", "head.heads.0."), name="vit")
     elif pretrained:
         warn_random_weights("vit", f"timm's vit_base_patch16_224 ({pretrain_type}) weights")
     return net
