@@ -147,6 +147,8 @@ def export_onnx(net: MammothBackbone, input_shape: Tuple[int, ...], opset: Optio
     lost = consumed - _consumed(model)
     if lost:  # a parameter was folded into another constant: flat vectors could not reach it
         raise RuntimeError(f"ONNX optimisation folded parameters away: {sorted(lost)[:5]}")
+    for node in model.graph:  # stack traces name the build machine's source paths
+        node.metadata_props.pop("pkg.torch.onnx.stack_trace", None)
     _rename_outputs(model.graph, full_names)
     mapping = _keep_all_parameters(model, net, prefix)
     full_proto = ir.serde.serialize_model(model)

@@ -1,7 +1,9 @@
 """TorchScript export: `torch.jit.script` of each fixed head, saved with `torch.jit.save`."""
 
+import hashlib
 import io
 import warnings
+import zipfile
 from pathlib import Path
 
 import torch
@@ -22,11 +24,36 @@ def script_head(net: MammothBackbone, mode: str) -> torch.jit.ScriptModule:
 
 
 def save_torchscript(module: torch.jit.ScriptModule, path) -> None:
-    """torch.jit.save without its torch 2.14 deprecation warning. Saved through a buffer: the
-    zip's top folder is named after the file, and a temporary name would make it random."""
+    """torch.jit.save without its torch 2.14 deprecation warning, made reproducible. Saved through
+    a buffer: the zip's top folder is named after the file, and a temporary name would make it
+    random."""
     buffer = io.BytesIO()
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=r"`torch\.jit\.save` is deprecated",
                                 category=FutureWarning)
         torch.jit.save(module, buffer)
-    Path(path).write_bytes(buffer.getvalue())
+    Path(path).write_bytes(reproducible_archive(buffer.getvalue()))
+
+
+def reproducible_archive(data: bytes) -> bytes:
+    """The same TorchScript archive, byte-reproducible and free of the build machine's paths.
+
+    `torch.jit.save` adds `*.debug_pkl` files (source ranges naming the absolute path of every
+    source file, e.g. /home/me/zoo/heads.py) and `.data/serialization_id` (drawn from the RNG).
+    The debug files are dropped (only error messages' source lines need them; the code, the
+    weights and every method stay) and the id becomes a digest of the archive's content.
+    """
+    source = zipfile.ZipFile(io.BytesIO(data))
+    entries = [(i.filename, source.read(i.filename)) for i in source.infolist()
+               if not i.filename.endswith(".debug_pkl")]
+    digest = hashlib.sha256()
+    for name, content in entries:
+        if not name.endswith("/.data/serialization_id"):
+            digest.update(name.encode() + b"\0" + content)
+    out = io.BytesIO()
+    with zipfile.ZipFile(out, "w", zipfile.ZIP_STORED) as archive:
+        for name, content in entries:
+            if name.endswith("/.data/serialization_id"):
+                content = str(int(digest.hexdigest()[:32], 16)).encode()
+            archive.writestr(zipfile.ZipInfo(name, date_time=(1980, 1, 1, 0, 0, 0)), content)
+    return out.getvalue()

@@ -8,7 +8,7 @@ import torch
 from export.atomic import atomic_path
 from export.cli import main
 from export.verify import load_torchscript, ort_session
-from tests.conftest import VECTORS
+from tests.conftest import REPO, VECTORS
 from zoo import Registry
 from zoo.registry import REGISTRY
 
@@ -214,3 +214,21 @@ def test_pretrained_weights_error_names_the_registered_backbone(tmp_path):
         get_backbone("resnet50-pt", weights=str(tmp_path / "w.pth"))
     with pytest.raises(CheckpointError, match="does not fit backbone 'tv-resnet18'"):
         get_backbone("tv-resnet18", weights=str(tmp_path / "w.pth"))
+
+
+def test_exports_are_byte_reproducible_and_carry_no_local_paths(tmp_path):
+    """Two exports of the same weights under different RNG states: identical files."""
+    from export.core import export_backbone
+    from zoo import get_backbone
+
+    torch.manual_seed(3)
+    net = get_backbone("mnistmlp", mlp_hidden_size=4)
+    a = export_backbone(net, tmp_path / "a")
+    torch.manual_seed(99)
+    torch.randn(7)
+    b = export_backbone(net, tmp_path / "b")
+    assert a.manifest["files"] == b.manifest["files"]
+    for name in a.manifest["files"]:
+        data = (tmp_path / "a" / name).read_bytes()
+        assert data == (tmp_path / "b" / name).read_bytes(), name
+        assert str(REPO).encode() not in data, f"{name} names the build machine's source path"

@@ -52,5 +52,5 @@ def test_bench_report_and_json(tmp_path, capsys):
         assert r["median_ms"] > 0 and r["p90_ms"] >= r["median_ms"] and r["images_per_s"] > 0
     acc = report["int8_accuracy_digits"]
     assert acc["fp32_accuracy"] > 0.5, "the digits model did not learn"
-    assert 0 <= acc["top1_agreement"] <= 1
+    assert acc["top1_agreement"] >= 0.8, "int8 disagrees with fp32 on the trained model"
     assert "ort-int8" in text and "vs eager" in text and "int8 on a trained model" in text

@@ -63,7 +63,7 @@ def test_missing_required_argument(reg):
 
 
 def test_wrong_type_and_unknown_argument(reg):
-    with pytest.raises(TypeError, match="'depth' must be int, got str 'x'|'depth' must be int, got 'x'"):
+    with pytest.raises(TypeError, match="argument 'depth' must be int, got 'x'$"):
         reg.build("resnet", depth="x")
     with pytest.raises(TypeError, match="no argument"):
         reg.build("resnet", depth=18, colour=1)

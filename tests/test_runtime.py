@@ -99,7 +99,9 @@ def test_verify_command(name, export, tmp_path, capsys):
     shutil.copytree(result.directory, copy_dir)
     assert main(["verify", str(copy_dir)]) == 0
     out = capsys.readouterr().out
-    assert "24 passed, 0 failed" in out and "MISMATCH" not in out  # 8 files x (params + outputs)
+    outputs = sum(len(m["outputs"]) for m in result.manifest["modes"].values())
+    rows = 2 * (len(RETURNT_MODES) + outputs)  # per format: each file's flat params + each output
+    assert f"{rows} passed, 0 failed" in out and "MISMATCH" not in out
     target = copy_dir / "full.onnx"
     data = bytearray(target.read_bytes())
     data[len(data) // 2] ^= 0x01  # one flipped bit in the middle of the weights
@@ -124,7 +126,8 @@ def test_verify_onnx_only_directory(name, export, tmp_path, capsys):
     (d / "manifest.json").write_text(json.dumps(manifest))
     assert main(["quantize", str(d), "--modes", "out"]) == 0
     assert main(["verify", str(d)]) == 0
-    assert "12 passed, 0 failed" in capsys.readouterr().out  # 4 ONNX files x (params + outputs)
+    outputs = sum(len(m["outputs"]) for m in manifest["modes"].values())
+    assert f"{len(RETURNT_MODES) + outputs} passed, 0 failed" in capsys.readouterr().out
     manifest["backbone"]["name"] = "not-a-backbone"
     (d / "manifest.json").write_text(json.dumps(manifest))
     assert main(["verify", str(d)]) == 1
