@@ -208,6 +208,7 @@ def _write_verified_set(net: MammothBackbone, out_dir: Path, modes: Sequence[str
     failures: List[str] = []
     onnx_names: Dict[str, str] = {}
     opset_used = None
+    onnx_info: Optional[Dict[str, Any]] = None
 
     if "onnx" in formats:
         from export.onnx_export import export_onnx
@@ -215,6 +216,9 @@ def _write_verified_set(net: MammothBackbone, out_dir: Path, modes: Sequence[str
         t = time.perf_counter()
         exported = export_onnx(net, shape, opset=opset, device=device)
         onnx_names, opset_used = exported.param_names, exported.opset
+        from export.onnx_export import runtime_requirements
+
+        onnx_info = runtime_requirements(exported.models["full"])
         seconds["onnx_export"] = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -243,6 +247,7 @@ def _write_verified_set(net: MammothBackbone, out_dir: Path, modes: Sequence[str
                                 f"{ATOL:g}*max|eager| + {RTOL:g}*|eager|")
             files[path.name] = file_entry(path)
 
+    entries = _output_entries(net, shape, device)
     manifest = {
         "format_version": 1,
         "backbone": {"name": getattr(net, "registry_name", type(net).__name__),
@@ -251,11 +256,11 @@ def _write_verified_set(net: MammothBackbone, out_dir: Path, modes: Sequence[str
         "source": source or {"weights": "as given (export_backbone)"},
         "input": {"name": "x", "shape": ["batch", *shape], "dtype": "float32",
                   "dynamic": ["batch"] + (["height", "width"] if net.dynamic_hw else [])},
-        "modes": {m: {"outputs": [{"name": n, "shape": _output_shape(net, n, expected[m], outputs[m])}
-                                  for n in outputs[m]]} for m in modes},
+        "modes": {m: {"outputs": [entries[n] for n in outputs[m]]} for m in modes},
         "formats": list(formats),
         "files": dict(sorted(files.items())),
         "opset": opset_used,
+        "onnx": onnx_info,
         "versions": versions(),
         "verification": verification,
         "tolerance": {"atol": ATOL, "rtol": RTOL, "rel_floor": REL_FLOOR,
@@ -270,13 +275,37 @@ def _write_verified_set(net: MammothBackbone, out_dir: Path, modes: Sequence[str
     return ExportResult(out_dir, manifest, failures)
 
 
-def _output_shape(net: MammothBackbone, name: str, expected, names: List[str]) -> List[Any]:
-    """Output shape with symbolic batch (and H/W where they vary with the input)."""
-    shape = list(expected[0][names.index(name)].shape)
-    shape[0] = "batch"
-    if net.dynamic_hw and len(shape) == 4:
-        shape[2], shape[3] = "height", "width"
-    return shape
+def _output_entries(net: MammothBackbone, input_shape: Tuple[int, ...], device: str) -> Dict[str, Dict[str, Any]]:
+    """Name, symbolic shape and (for stages) the module and spatial reduction of every output.
+
+    A stage of a network with free H and W has spatial size ceil(height / reduction) or
+    floor(height / reduction) (which one depends on its padding: both are measured, at the
+    export's size and one pixel more); `shape_at_export` is the concrete shape (batch 1).
+    """
+    def full_shapes(shape):
+        with torch.no_grad():
+            return [tuple(t.shape) for t in net(torch.zeros(1, *shape, device=device), returnt="full")]
+
+    at_export = full_shapes(input_shape)
+    bigger = tuple(input_shape[:1]) + tuple(d + 1 for d in input_shape[1:])
+    at_bigger = full_shapes(bigger) if net.dynamic_hw and len(input_shape) == 3 else at_export
+    entries = {}
+    for i, (name, example, other) in enumerate(zip(net.output_names(), at_export, at_bigger)):
+        entry: Dict[str, Any] = {"name": name, "shape": ["batch", *example[1:]],
+                                 "shape_at_export": [1, *example[1:]]}
+        if i < len(net.stages):
+            entry["module"] = net.stages[i].name
+        if len(example) == 4 and len(input_shape) == 3 and example[2]:
+            r = input_shape[1] // example[2]
+            entry["reduction"] = r
+            if net.dynamic_hw:
+                rounded = {"ceil": [-(-n // r) for n in bigger[1:]], "floor": [n // r for n in bigger[1:]]}
+                rounding = next((f for f, hw in rounded.items() if hw == list(other[2:4])), None)
+                entry["shape"][2:] = (["height", "width"] if r == 1 else
+                                      [f"{rounding}(height/{r})", f"{rounding}(width/{r})"] if rounding
+                                      else [None, None])
+        entries[name] = entry
+    return entries
 
 
 #: names an export directory may not have: a name, not a path

@@ -29,6 +29,24 @@ __all__ = ["OnnxExport", "export_onnx", "mode_outputs", "MIN_OPSET", "max_opset"
 MIN_OPSET = 18
 
 
+#: the oldest onnxruntime that loads a model of this IR version / runs this opset
+#: (onnxruntime's compatibility table; measured here: IR 10 is refused by 1.17, loaded by 1.18)
+_ORT_FOR_IR = {8: "1.10", 9: "1.15", 10: "1.18"}
+_ORT_FOR_OPSET = {17: "1.13", 18: "1.14", 19: "1.15", 20: "1.17", 21: "1.18"}
+
+
+def runtime_requirements(model: onnx.ModelProto) -> Dict[str, object]:
+    """IR version, opset and the oldest onnxruntime that loads the model (None where the tables
+    above do not reach: newer than they know, so at least the newest release they name)."""
+    opset = next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
+    need = [_ORT_FOR_IR.get(model.ir_version), _ORT_FOR_OPSET.get(opset)]
+    known = None if None in need else max(need, key=lambda v: tuple(map(int, v.split("."))))
+    import onnxruntime
+
+    return {"ir_version": model.ir_version, "opset": opset, "onnxruntime_min": known,
+            "onnxruntime_verified": onnxruntime.__version__}
+
+
 def max_opset() -> int:
     """The newest opset the installed onnx knows (the exporter converts up to it)."""
     return onnx.defs.onnx_opset_version()

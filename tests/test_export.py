@@ -29,11 +29,14 @@ def test_export_succeeds_with_manifest(name, export):
     assert m["backbone"]["name"] == getattr(net, "registry_name", type(net).__name__)
     assert m["input"]["name"] == "x"
     assert m["input"]["shape"][0] == "batch"
-    assert m["modes"]["full"]["outputs"][-2:] == [
-        {"name": "features", "shape": ["batch", net.feature_dim]},
-        {"name": "logits", "shape": m["modes"]["out"]["outputs"][0]["shape"]}]
-    assert [o["name"] for o in m["modes"]["full"]["outputs"]] == net.output_names()
+    full = m["modes"]["full"]["outputs"]
+    assert [(o["name"], o["shape"]) for o in full[-2:]] == [
+        ("features", ["batch", net.feature_dim]), ("logits", m["modes"]["out"]["outputs"][0]["shape"])]
+    assert [o["name"] for o in full] == net.output_names()
+    assert [o["module"] for o in full[:-2]] == [s.name for s in net.stages]
     assert m["opset"] >= 18 and {"torch", "onnx", "onnxruntime", "returnt_zoo"} <= set(m["versions"])
+    assert m["onnx"]["ir_version"] == onnx.load(str(result.directory / "out.onnx")).ir_version
+    assert m["onnx"]["opset"] == m["opset"] and m["onnx"]["onnxruntime_verified"]
     layout = m["flat_params"]["layout"]
     assert [e["name"] for e in layout] == [n for n, _ in net.named_parameters()]
     assert sum(e["length"] for e in layout) == net.num_params() == m["flat_params"]["count"]
@@ -43,6 +46,29 @@ def test_export_succeeds_with_manifest(name, export):
             assert all(s["ok"] for s in stats.values()), (fmt, mode, stats)
     assert m["timing"]["seconds"]["onnx_export"] > 0
     assert not list(result.directory.glob(".*.tmp")), "temp files left behind"
+
+
+@pytest.mark.parametrize("name", BACKBONES)
+def test_manifest_stage_shapes_hold_at_another_input_size(name, export):
+    """The manifest's symbolic stage shapes (ceil(height/reduction)) are the real ones."""
+    net, result = export
+    m = result.manifest
+    c, h, w = m["input"]["shape"][1:] if len(m["input"]["shape"]) == 4 else (None, None, None)
+    size = {"height": h + 8, "width": w + 16} if "height" in m["input"]["dynamic"] else {"height": h, "width": w}
+    x = torch.randn(1, *(m["input"]["shape"][1:] if c is None else (c, size["height"], size["width"])))
+    with torch.no_grad():
+        outs = net(x, returnt="full")
+    for out, spec in zip(outs, m["modes"]["full"]["outputs"]):
+        want = []
+        for dim in spec["shape"][1:]:
+            if isinstance(dim, int):
+                want.append(dim)
+            else:
+                rounding, _, rest = dim.rstrip(")").rpartition("(")
+                key, _, factor = rest.partition("/")
+                n, r = size[key], int(factor or 1)
+                want.append(n // r if rounding == "floor" else -(-n // r))
+        assert list(out.shape[1:]) == want, (spec["name"], spec["shape"], list(out.shape))
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
