@@ -20,6 +20,7 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 
+from export import preprocessing
 from export.checkpoint import Checkpoint, read_checkpoint
 from export.core import (
     FORMATS,
@@ -76,6 +77,15 @@ def _base_parser(add_help: bool) -> argparse.ArgumentParser:
                         "onnxruntime provider (cpu, cuda, cuda:N)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random weights when no "
                         "checkpoint is given (default: %(default)s)")
+    parser.add_argument("--dataset", help="Mammoth dataset the weights were trained on (e.g. "
+                        "seq-cifar10): its input normalisation goes into the manifest (default: "
+                        "the checkpoint's args['dataset'])")
+    parser.add_argument("--mean", help="input normalisation mean, one value per channel "
+                        "(e.g. 0.4914,0.4822,0.4465); with --std, instead of --dataset's")
+    parser.add_argument("--std", help="input normalisation std, one value per channel")
+    parser.add_argument("--bake-preprocessing", action="store_true",
+                        help="put the normalisation into every graph: the exported files then "
+                             "take [0, 1] RGB images")
     parser.add_argument("--example-args", action="store_true",
                         help="fill required backbone arguments that are not given with the "
                              "registry's example values (resnet: --depth 18); `make export` uses it")
@@ -194,16 +204,19 @@ def run_export(argv: Sequence[str]) -> int:
     else:
         set_unit_scale(net, tuple(net.input_shape), opts.seed)
     out_dir = opts.out / (check_dir_name(opts.name) if opts.name is not None else dir_name(entry, kwargs))
-    result = _export(net, out_dir, opts, _source(ckpt, opts.seed))
+    dataset = opts.dataset or (ckpt.args.get("dataset") if ckpt else None)
+    prep = preprocessing.resolve(net.input_shape[0], dataset if isinstance(dataset, str) else None,
+                                 opts.mean, opts.std, opts.bake_preprocessing)
+    result = _export(net, out_dir, opts, _source(ckpt, opts.seed), prep)
     _print_result(result)
     return 0 if result.ok else 1
 
 
-def _export(net, out_dir: Path, opts, source) -> ExportResult:
+def _export(net, out_dir: Path, opts, source, prep=None) -> ExportResult:
     return export_backbone(net, out_dir, modes=parse_list(opts.modes, RETURNT_MODES, "mode"),
                            formats=parse_list(opts.formats, FORMATS, "format"),
                            input_shape=_parse_shape(opts.input_shape), opset=opts.opset,
-                           device=opts.device, source=source)
+                           device=opts.device, source=source, preprocessing=prep)
 
 
 def _print_result(result: ExportResult) -> None:

@@ -13,6 +13,7 @@ from export.core import SUFFIX
 from export.errors import ExportError, IntegrityError
 from export.flat_params import OnnxParamsError, read_onnx_params, refuse_export_file, write_onnx_params
 from export.manifest import check_files, layout_problem, read_manifest, stray_files
+from export.preprocessing import Normalize
 from export.tables import format_table
 from export.verify import eager_outputs, load_torchscript, sample_inputs, verify_onnx, verify_torchscript
 from zoo.heads import BACKBONE_PREFIX
@@ -95,11 +96,13 @@ def verify_directory(directory: Path, seed: int = 1, device: str = "cpu") -> Ver
     _check_layout(directory, manifest, net)
     params = net.get_params().cpu()
     shape = [d for d in manifest["input"]["shape"][1:]]
-    inputs = sample_inputs(shape, seed=seed)
+    prep = manifest.get("preprocessing") or {}
+    preprocess = Normalize(prep["mean"], prep["std"]) if prep.get("baked") else None
+    inputs = sample_inputs(shape, seed=seed, images=preprocess is not None)
     report = VerifyReport(stray=stray_files(directory, manifest))
     for mode, spec in manifest["modes"].items():
         names = [o["name"] for o in spec["outputs"]]
-        want = eager_outputs(net, mode, inputs, device)
+        want = eager_outputs(net, mode, inputs, device, preprocess)
         for fmt, verify in (("torchscript", verify_torchscript), ("onnx", verify_onnx)):
             path = directory / f"{mode}{SUFFIX[fmt]}"
             if path.name not in manifest["files"]:

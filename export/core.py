@@ -12,6 +12,7 @@ import torch
 from export.atomic import atomic_path
 from export.errors import ExportError
 from export.manifest import file_entry, param_layout, versions, write_manifest
+from export.preprocessing import Normalize, Preprocessing
 from export.torchscript_export import save_torchscript, script_head
 from export.transaction import DirectoryTransaction
 from export.verify import ATOL, REL_FLOOR, RTOL, eager_outputs, sample_inputs, verify_onnx, verify_torchscript
@@ -162,6 +163,7 @@ def export_backbone(
     opset: Optional[int] = None,
     device: str = "cpu",
     source: Optional[Dict[str, Any]] = None,
+    preprocessing: Optional[Preprocessing] = None,
 ) -> ExportResult:
     """Export `net` into `out_dir` as `<mode>.pt` / `<mode>.onnx` plus `manifest.json`.
 
@@ -175,6 +177,8 @@ def export_backbone(
         opset: ONNX opset (default: the exporter's).
         device: where eager, TorchScript and onnxruntime run (cpu, cuda, cuda:N).
         source: what the weights are, recorded in the manifest.
+        preprocessing: the input normalisation the model was trained with, recorded in the
+            manifest; with `baked=True` every graph applies it (its input is then [0, 1] images).
     Returns:
         An ExportResult; `ok` is False (and nothing was replaced) if any artifact failed.
     """
@@ -188,7 +192,8 @@ def export_backbone(
     net = net.to(device).eval()
     shape = check_input_shape(net, tuple(input_shape or net.input_shape))
     with DirectoryTransaction(Path(out_dir)) as tx:
-        result = _write_verified_set(net, tx.staging, modes, formats, shape, opset, device, source)
+        result = _write_verified_set(net, tx.staging, modes, formats, shape, opset, device, source,
+                                     preprocessing)
         if result.ok:
             tx.commit()
     result.directory = Path(out_dir)
@@ -197,11 +202,14 @@ def export_backbone(
 
 def _write_verified_set(net: MammothBackbone, out_dir: Path, modes: Sequence[str],
                         formats: Sequence[str], shape: Tuple[int, ...], opset: Optional[int],
-                        device: str, source: Optional[Dict[str, Any]]) -> ExportResult:
+                        device: str, source: Optional[Dict[str, Any]],
+                        preprocessing: Optional[Preprocessing] = None) -> ExportResult:
     """Write and verify every artifact and the manifest into `out_dir` (a staging directory)."""
     full_names = net.output_names()
     outputs = mode_outputs(full_names)
-    inputs = sample_inputs(shape)
+    baked = preprocessing is not None and preprocessing.baked
+    preprocess = Normalize(preprocessing.mean, preprocessing.std).to(device) if baked else None
+    inputs = sample_inputs(shape, images=baked)
     seconds: Dict[str, float] = {}
     files: Dict[str, Dict[str, Any]] = {}
     verification: Dict[str, Dict[str, Any]] = {f: {} for f in formats}
@@ -214,7 +222,7 @@ def _write_verified_set(net: MammothBackbone, out_dir: Path, modes: Sequence[str
         from export.onnx_export import export_onnx
 
         t = time.perf_counter()
-        exported = export_onnx(net, shape, opset=opset, device=device)
+        exported = export_onnx(net, shape, opset=opset, device=device, preprocess=preprocess)
         onnx_names, opset_used = exported.param_names, exported.opset
         from export.onnx_export import runtime_requirements
 
@@ -222,7 +230,7 @@ def _write_verified_set(net: MammothBackbone, out_dir: Path, modes: Sequence[str
         seconds["onnx_export"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    expected = {m: eager_outputs(net, m, inputs, device) for m in modes}
+    expected = {m: eager_outputs(net, m, inputs, device, preprocess) for m in modes}
     seconds["eager"] = time.perf_counter() - t
     for fmt in formats:
         seconds.setdefault(f"{fmt}_write", 0.0)
@@ -233,7 +241,7 @@ def _write_verified_set(net: MammothBackbone, out_dir: Path, modes: Sequence[str
             t = time.perf_counter()
             with atomic_path(path) as tmp:
                 if fmt == "torchscript":
-                    save_torchscript(script_head(net, mode), tmp)
+                    save_torchscript(script_head(net, mode, preprocess), tmp)
                 else:
                     tmp.write_bytes(exported.models[mode].SerializeToString())
             t_write = time.perf_counter()
@@ -256,6 +264,7 @@ def _write_verified_set(net: MammothBackbone, out_dir: Path, modes: Sequence[str
         "source": source or {"weights": "as given (export_backbone)"},
         "input": {"name": "x", "shape": ["batch", *shape], "dtype": "float32",
                   "dynamic": ["batch"] + (["height", "width"] if net.dynamic_hw else [])},
+        "preprocessing": preprocessing.manifest() if preprocessing else None,
         "modes": {m: {"outputs": [entries[n] for n in outputs[m]]} for m in modes},
         "formats": list(formats),
         "files": dict(sorted(files.items())),

@@ -139,14 +139,14 @@ def _keep_all_parameters(model: ir.Model, net: MammothBackbone, prefix: str) -> 
 
 
 def export_onnx(net: MammothBackbone, input_shape: Tuple[int, ...], opset: Optional[int] = None,
-                device: str = "cpu") -> OnnxExport:
+                device: str = "cpu", preprocess: Optional[torch.nn.Module] = None) -> OnnxExport:
     """Export `net` (in eval) once and derive the four mode graphs."""
     size = sum(t.numel() * t.element_size() for t in net.state_dict().values())
     if size >= ONNX_SINGLE_FILE_LIMIT:
         raise ExportError(f"{getattr(net, 'registry_name', type(net).__name__)}: {size / 2**30:.1f} GiB "
                          "of weights; self-contained ONNX files stop at 2 GiB and external-data "
                          "export is not supported yet (use --formats torchscript)")
-    head = make_head(net, "full")
+    head = make_head(net, "full", preprocess)
     example = torch.randn(2, *input_shape, device=device)
     full_names = net.output_names()
     with warnings.catch_warnings():

@@ -12,9 +12,9 @@ from zoo.base import MammothBackbone
 from zoo.heads import make_head
 
 
-def script_head(net: MammothBackbone, mode: str) -> torch.jit.ScriptModule:
+def script_head(net: MammothBackbone, mode: str, preprocess=None) -> torch.jit.ScriptModule:
     """The scripted head of `mode` (eval). Loadable with torch.jit.load without the zoo."""
-    head = make_head(net, mode)
+    head = make_head(net, mode, preprocess)
     with warnings.catch_warnings():
         # torch 2.14 deprecates torch.jit.script in favour of torch.export; we still ship
         # TorchScript (users load it with torch.jit.load), so silence only this warning.

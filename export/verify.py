@@ -2,7 +2,7 @@
 
 import warnings
 from pathlib import Path
-from typing import Any, Dict, List, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
@@ -27,9 +27,12 @@ def as_list(out) -> List[torch.Tensor]:
     return [out] if isinstance(out, torch.Tensor) else list(out)
 
 
-def sample_inputs(input_shape: Sequence[int], seed: int = 0) -> List[torch.Tensor]:
+def sample_inputs(input_shape: Sequence[int], seed: int = 0, images: bool = False) -> List[torch.Tensor]:
+    """Seeded inputs at every verification batch size: N(0,1) (what normalised images look
+    like), or uniform [0, 1] images for graphs that normalise their input themselves."""
     gen = torch.Generator().manual_seed(seed)
-    return [torch.randn(b, *input_shape, generator=gen) for b in BATCHES]
+    draw = torch.rand if images else torch.randn
+    return [draw(b, *input_shape, generator=gen) for b in BATCHES]
 
 
 def error_stats(got: np.ndarray, want: np.ndarray) -> Dict[str, Any]:
@@ -60,9 +63,16 @@ def merge(stats: List[Dict[str, Any]]) -> Dict[str, Any]:
     return merged
 
 
-def eager_outputs(net: MammothBackbone, mode: str, inputs: List[torch.Tensor], device: str) -> List[List[np.ndarray]]:
+def eager_outputs(net: MammothBackbone, mode: str, inputs: List[torch.Tensor], device: str,
+                  preprocess: Optional[torch.nn.Module] = None) -> List[List[np.ndarray]]:
+    """The eager reference: `net(preprocess(x), returnt=mode)` for every input, as numpy."""
     with torch.no_grad():
-        return [[t.cpu().numpy() for t in as_list(net(x.to(device), returnt=mode))] for x in inputs]
+        return [[t.cpu().numpy() for t in as_list(net(_apply(preprocess, x.to(device)), returnt=mode))]
+                for x in inputs]
+
+
+def _apply(preprocess: Optional[torch.nn.Module], x: torch.Tensor) -> torch.Tensor:
+    return x if preprocess is None else preprocess.to(x.device)(x)
 
 
 def load_torchscript(path, device: str = "cpu") -> torch.jit.ScriptModule:

@@ -35,9 +35,11 @@ class ExportHead(nn.Module):
 
     mode: str = ""
 
-    def __init__(self, backbone: MammothBackbone) -> None:
+    def __init__(self, backbone: MammothBackbone, preprocess: Optional[nn.Module] = None) -> None:
         super().__init__()
         self.backbone = backbone
+        # what the graph does to its input first (e.g. the dataset's normalisation); no parameters
+        self.preprocess = preprocess if preprocess is not None else nn.Identity()
         # TorchScript cannot iterate parameters(); a list attribute aliases them (and still
         # does after torch.jit.save/load), in the backbone's parameters() order.
         self.flat_params: List[Tensor] = [p for p in backbone.parameters()]
@@ -105,21 +107,21 @@ class OutHead(ExportHead):
     mode = "out"
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.backbone.forward_full(x)[-1]
+        return self.backbone.forward_full(self.preprocess(x))[-1]
 
 
 class FeaturesHead(ExportHead):
     mode = "features"
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.backbone.forward_full(x)[-2]
+        return self.backbone.forward_full(self.preprocess(x))[-2]
 
 
 class BothHead(ExportHead):
     mode = "both"
 
     def forward(self, x: Tensor) -> Tuple[Tensor, Tensor]:
-        outs = self.backbone.forward_full(x)
+        outs = self.backbone.forward_full(self.preprocess(x))
         return outs[-1], outs[-2]
 
 
@@ -127,7 +129,7 @@ class FullHead(ExportHead):
     mode = "full"
 
     def forward(self, x: Tensor) -> List[Tensor]:
-        return self.backbone.forward_full(x)
+        return self.backbone.forward_full(self.preprocess(x))
 
 
 HEADS: Dict[str, Type[ExportHead]] = {
@@ -136,6 +138,7 @@ HEADS: Dict[str, Type[ExportHead]] = {
 assert tuple(HEADS) == RETURNT_MODES
 
 
-def make_head(backbone: MammothBackbone, mode: str) -> ExportHead:
-    """The fixed head of `mode` around `backbone`, in eval() (exports must never see train BN)."""
-    return HEADS[check_returnt(mode)](backbone).eval()
+def make_head(backbone: MammothBackbone, mode: str, preprocess: Optional[nn.Module] = None) -> ExportHead:
+    """The fixed head of `mode` around `backbone`, in eval() (exports must never see train BN);
+    `preprocess` (parameter-free, e.g. a normalisation) runs on the input first."""
+    return HEADS[check_returnt(mode)](backbone, preprocess).eval()
