@@ -132,6 +132,7 @@ def test_bad_vectors_and_files(name, export, tmp_path):
     with pytest.raises(OnnxParamsError,
                        match=r"layout is inconsistent: fc1.weight: length 25088 != product of shape \[1, 2\]"):
         read_onnx_params(src, manifest)
+    manifest["flat_params"]["layout"][0]["shape"] = [32, 784]
     manifest["flat_params"]["layout"][0]["onnx_name"] = "nope"
     with pytest.raises(OnnxParamsError, match="missing nope"):
         read_onnx_params(src, manifest)

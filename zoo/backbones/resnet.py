@@ -236,20 +236,24 @@ def resnet18_7x7_pt(num_classes: int, weights: str = "") -> ResNet:
     )
 
 
-@register_backbone("resnet50")
-def resnet50(num_classes: int, pretrained: bool = False, weights: str = "") -> ResNet:
-    """ImageNet ResNet-50 (torchvision layout, `downsample` keys); `pretrained` needs `weights`."""
+def _resnet50(name: str, num_classes: int, pretrained: bool, weights: str) -> ResNet:
     net = ResNet(TorchvisionBottleneck, [3, 4, 6, 3], num_classes, 64, stem="imagenet",
                  input_shape=(3, 224, 224))
     _init_like_torchvision(net)
-    return _with_weights(net, "resnet50", weights, pretrained,
+    return _with_weights(net, name, weights, pretrained,
                          "torchvision's resnet50 ImageNet weights", _drop_fc)
+
+
+@register_backbone("resnet50")
+def resnet50(num_classes: int, pretrained: bool = False, weights: str = "") -> ResNet:
+    """ImageNet ResNet-50 (torchvision layout, `downsample` keys); `pretrained` needs `weights`."""
+    return _resnet50("resnet50", num_classes, pretrained, weights)
 
 
 @register_backbone("resnet50-pt")
 def resnet50_pt(num_classes: int, weights: str = "") -> ResNet:
     """ResNet-50 from torchvision's ImageNet weights in a local file (`weights`)."""
-    return resnet50(num_classes, pretrained=True, weights=weights)
+    return _resnet50("resnet50-pt", num_classes, True, weights)
 
 
 _DEPTHS = {18: (BasicBlock, [2, 2, 2, 2]), 34: (BasicBlock, [3, 4, 6, 3]),
