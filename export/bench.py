@@ -22,9 +22,11 @@ import torch
 
 from export.atomic import atomic_write_bytes
 from export.core import export_backbone
+from export.manifest import artifact_name
 from export.quantize import builtin_calibration, quantize_model
 from export.tables import format_table
-from export.verify import load_torchscript, ort_session
+from export.torchscript_export import jit_deprecations_silenced, load_torchscript
+from export.verify import ort_session
 from zoo.registry import REGISTRY, get_entry
 
 
@@ -112,8 +114,8 @@ def digits_accuracy(backbone: str, kwargs: Dict[str, Any], input_shape: Sequence
     net.eval()
     result = export_backbone(net, workdir / "digits", modes=["out"], formats=["onnx"],
                              input_shape=tuple(input_shape))
-    fp32_path = result.directory / "out.onnx"
-    int8_path = result.directory / "out.int8.onnx"
+    fp32_path = result.directory / artifact_name("out", "onnx")
+    int8_path = result.directory / artifact_name("out", "int8")
     quantize_model(fp32_path, int8_path, x_tr[:256].numpy())
     fp32 = ort_session(fp32_path).run(None, {"x": x_te.numpy()})[0]
     int8 = ort_session(int8_path).run(None, {"x": x_te.numpy()})[0]
@@ -129,7 +131,57 @@ def digits_accuracy(backbone: str, kwargs: Dict[str, Any], input_shape: Sequence
     return out
 
 
+def build_runtimes(net: torch.nn.Module, directory: Path, shape: Sequence[int], threads: int,
+                   log) -> Dict[str, Callable[[np.ndarray, torch.Tensor], Any]]:
+    """Every runtime of the exported 'out' mode as `f(numpy_input, torch_input)`: eager, frozen
+    TorchScript, ORT fp32, ORT int8 (quantized here) and OpenVINO where installed."""
+    onnx_path = directory / artifact_name("out", "onnx")
+    int8_path = directory / artifact_name("out", "int8")
+    quantize_model(onnx_path, int8_path, builtin_calibration(shape, 32))
+    with jit_deprecations_silenced():  # still what TorchScript users run
+        frozen = torch.jit.freeze(load_torchscript(directory / artifact_name("out", "torchscript")).eval())
+    fp32_session = ort_session(onnx_path, threads=threads)
+    int8_session = ort_session(int8_path, threads=threads)
+    runtimes: Dict[str, Callable[[np.ndarray, torch.Tensor], Any]] = {
+        "eager": lambda a, t: net(t),
+        "torchscript-frozen": lambda a, t: frozen(t),
+        "ort-fp32": lambda a, t: fp32_session.run(None, {"x": a}),
+        "ort-int8": lambda a, t: int8_session.run(None, {"x": a}),
+    }
+    try:
+        import openvino as ov
+
+        compiled = ov.Core().compile_model(str(onnx_path), "CPU", {"INFERENCE_NUM_THREADS": threads})
+        runtimes["openvino-fp32"] = lambda a, t: compiled(a)
+    except ImportError:
+        log("openvino not installed (pip install '.[openvino]'): skipped")
+    return runtimes
+
+
+def measure(runtimes: Dict[str, Callable[[np.ndarray, torch.Tensor], Any]], shape: Sequence[int],
+            batches: Sequence[int], seconds: float, flops: float, best_peak: float) -> List[Dict[str, Any]]:
+    """Median and p90 latency of every runtime at every batch size, with throughput and the
+    share of the measured fp32 peak."""
+    from tqdm import tqdm
+
+    rows: List[Dict[str, Any]] = []
+    jobs = [(b, r) for b in batches for r in runtimes]
+    for batch, name in (bar := tqdm(jobs, desc="bench", file=sys.stderr)):
+        bar.set_postfix_str(f"{name} batch {batch}")
+        x = np.random.default_rng(batch).standard_normal((batch, *shape)).astype(np.float32)
+        xt = torch.from_numpy(x)
+        with torch.no_grad():
+            times = time_call(lambda fn=runtimes[name], a=x, t=xt: fn(a, t), seconds)
+        median = statistics.median(times)
+        gflops = flops * batch / median / 1e9
+        rows.append({"runtime": name, "batch": batch, "runs": len(times), "median_ms": median * 1e3,
+                     "p90_ms": float(np.percentile(times, 90)) * 1e3, "images_per_s": batch / median,
+                     "gflops": gflops, "peak_percent": 100 * gflops / best_peak})
+    return rows
+
+
 def run_bench(argv: Sequence[str]) -> int:
+    """`python -m export bench`: build, export, measure, check int8 accuracy, report."""
     from tqdm import tqdm
 
     parser = argparse.ArgumentParser(prog="python -m export bench", description=__doc__.split("\n\n")[0])
@@ -164,46 +216,10 @@ def run_bench(argv: Sequence[str]) -> int:
         tmp = Path(tmp)
         log(f"exporting {entry.name} {kwargs} ...")
         result = export_backbone(net, tmp / "bench", modes=["out"])
-        onnx_path = result.directory / "out.onnx"
-        int8_path = result.directory / "out.int8.onnx"
-        quantize_model(onnx_path, int8_path, builtin_calibration(shape, 32))
-        with warnings.catch_warnings():  # deprecated in torch 2.14, still what TorchScript users run
-            warnings.filterwarnings("ignore", message=r"`torch\.jit\.freeze` is deprecated")
-            frozen = torch.jit.freeze(load_torchscript(result.directory / "out.pt").eval())
-        fp32_session = ort_session(onnx_path, threads=args.threads)
-        int8_session = ort_session(int8_path, threads=args.threads)
-        runtimes: Dict[str, Callable[[np.ndarray, torch.Tensor], Any]] = {
-            "eager": lambda a, t: net(t),
-            "torchscript-frozen": lambda a, t: frozen(t),
-            "ort-fp32": lambda a, t: fp32_session.run(None, {"x": a}),
-            "ort-int8": lambda a, t: int8_session.run(None, {"x": a}),
-        }
-        try:
-            import openvino as ov
-
-            compiled = ov.Core().compile_model(str(onnx_path), "CPU",
-                                               {"INFERENCE_NUM_THREADS": args.threads})
-            runtimes["openvino-fp32"] = lambda a, t: compiled(a)
-        except ImportError:
-            log("openvino not installed (pip install '.[openvino]'): skipped")
+        runtimes = build_runtimes(net, result.directory, shape, args.threads, log)
         log("measuring the fp32 matmul peak ...")
         peak = matmul_peak(args.threads)
-        best_peak = max(peak.values())
-        rows: List[Dict[str, Any]] = []
-        jobs = [(b, r) for b in batches for r in runtimes]
-        for batch, name in (bar := tqdm(jobs, desc="bench", file=sys.stderr)):
-            bar.set_postfix_str(f"{name} batch {batch}")
-            x = np.random.default_rng(batch).standard_normal((batch, *shape)).astype(np.float32)
-            xt = torch.from_numpy(x)
-            with torch.no_grad():
-                times = time_call(lambda fn=runtimes[name], a=x, t=xt: fn(a, t), args.seconds)
-            median = statistics.median(times)
-            gflops = flops * batch / median / 1e9
-            rows.append({"runtime": name, "batch": batch, "runs": len(times),
-                         "median_ms": median * 1e3,
-                         "p90_ms": float(np.percentile(times, 90)) * 1e3,
-                         "images_per_s": batch / median, "gflops": gflops,
-                         "peak_percent": 100 * gflops / best_peak})
+        rows = measure(runtimes, shape, batches, args.seconds, flops, max(peak.values()))
         accuracy = None
         if args.train_seconds > 0:
             accuracy = digits_accuracy("resnet18", {"num_filters": 16}, (3, 32, 32), tmp,

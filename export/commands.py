@@ -9,10 +9,9 @@ from typing import Any, Dict, List, Sequence
 import numpy as np
 import torch
 
-from export.core import SUFFIX
 from export.errors import ExportError, IntegrityError
 from export.flat_params import OnnxParamsError, read_onnx_params, refuse_export_file, write_onnx_params
-from export.manifest import check_files, layout_problem, read_manifest, stray_files
+from export.manifest import artifact_name, check_files, layout_problem, read_manifest, stray_files
 from export.preprocessing import Normalize
 from export.tables import format_table
 from export.verify import eager_outputs, load_torchscript, sample_inputs, verify_onnx, verify_torchscript
@@ -47,7 +46,7 @@ def eager_from_artifacts(directory: Path, manifest: Dict[str, Any]) -> torch.nn.
         import onnx
         from onnx import numpy_helper
 
-        fp32 = [f"{m}.onnx" for m in manifest["modes"] if f"{m}.onnx" in manifest["files"]]
+        fp32 = [artifact_name(m, "onnx") for m in manifest["modes"] if artifact_name(m, "onnx") in manifest["files"]]
         onnx_file = directory / fp32[0]  # int8 files do not hold the parameters
         net.set_params(read_onnx_params(onnx_file, manifest))
         inits = {t.name: t for t in onnx.load(str(onnx_file)).graph.initializer}
@@ -104,7 +103,7 @@ def verify_directory(directory: Path, seed: int = 1, device: str = "cpu") -> Ver
         names = [o["name"] for o in spec["outputs"]]
         want = eager_outputs(net, mode, inputs, device, preprocess)
         for fmt, verify in (("torchscript", verify_torchscript), ("onnx", verify_onnx)):
-            path = directory / f"{mode}{SUFFIX[fmt]}"
+            path = directory / artifact_name(mode, fmt)
             if path.name not in manifest["files"]:
                 continue
             held = (load_torchscript(path).get_params() if fmt == "torchscript"

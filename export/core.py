@@ -11,15 +11,14 @@ import torch
 
 from export.atomic import atomic_path
 from export.errors import ExportError
-from export.manifest import file_entry, param_layout, versions, write_manifest
+from export.manifest import artifact_name, file_entry, param_layout, versions, write_manifest
 from export.preprocessing import Normalize, Preprocessing
 from export.torchscript_export import save_torchscript, script_head
 from export.transaction import DirectoryTransaction
 from export.verify import ATOL, REL_FLOOR, RTOL, eager_outputs, sample_inputs, verify_onnx, verify_torchscript
-from zoo.base import RETURNT_MODES, MammothBackbone, mode_outputs
+from zoo.base import RETURNT_MODES, MammothBackbone, backbone_name, mode_outputs
 
 FORMATS: Tuple[str, ...] = ("torchscript", "onnx")
-SUFFIX = {"torchscript": ".pt", "onnx": ".onnx"}
 #: the largest batch an export runs (verification at 1 and 3, the ONNX example at 2)
 _LARGEST_BATCH = 3
 
@@ -128,7 +127,7 @@ def check_input_shape(net: MammothBackbone, shape: Tuple[int, ...]) -> Tuple[int
     expected = tuple(net.input_shape)
     what = "x".join(map(str, expected))
     text = ",".join(map(str, shape))
-    name = getattr(net, "registry_name", type(net).__name__)
+    name = backbone_name(net)
     if len(shape) != len(expected) or shape[0] != expected[0] or min(shape) < 1:
         raise ExportError(f"--input-shape {text} does not fit backbone {name!r}: expected "
                           f"{what}" + (" (C fixed, H,W free)" if net.dynamic_hw else ""))
@@ -237,7 +236,7 @@ def _write_verified_set(net: MammothBackbone, out_dir: Path, modes: Sequence[str
         seconds.setdefault(f"{fmt}_verify", 0.0)
         verify = verify_torchscript if fmt == "torchscript" else verify_onnx
         for mode in modes:
-            path = out_dir / f"{mode}{SUFFIX[fmt]}"
+            path = out_dir / artifact_name(mode, fmt)
             t = time.perf_counter()
             with atomic_path(path) as tmp:
                 if fmt == "torchscript":
@@ -258,7 +257,7 @@ def _write_verified_set(net: MammothBackbone, out_dir: Path, modes: Sequence[str
     entries = _output_entries(net, shape, device)
     manifest = {
         "format_version": 1,
-        "backbone": {"name": getattr(net, "registry_name", type(net).__name__),
+        "backbone": {"name": backbone_name(net),
                      "args": getattr(net, "registry_kwargs", {}),
                      "num_params": net.num_params()},
         "source": source or {"weights": "as given (export_backbone)"},

@@ -15,6 +15,13 @@ from export.errors import IntegrityError, ManifestError
 from zoo.base import MammothBackbone
 
 MANIFEST = "manifest.json"
+#: file name of each kind of artifact, after the mode: `out.pt`, `full.onnx`, `out.int8.onnx`
+ARTIFACT_SUFFIX = {"torchscript": ".pt", "onnx": ".onnx", "int8": ".int8.onnx"}
+
+
+def artifact_name(mode: str, kind: str) -> str:
+    """The file name of `mode`'s artifact of `kind` (torchscript, onnx, int8)."""
+    return mode + ARTIFACT_SUFFIX[kind]
 #: top-level keys every manifest this tool writes has, with their JSON types
 REQUIRED_KEYS = {"backbone": dict, "input": dict, "modes": dict, "files": dict,
                  "flat_params": dict}

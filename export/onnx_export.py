@@ -19,7 +19,7 @@ import torch
 from onnxscript import optimizer
 
 from export.errors import ExportError
-from zoo.base import MammothBackbone, mode_outputs
+from zoo.base import MammothBackbone, backbone_name, mode_outputs
 from zoo.heads import BACKBONE_PREFIX, make_head
 
 __all__ = ["OnnxExport", "export_onnx", "mode_outputs", "MIN_OPSET", "max_opset"]
@@ -143,7 +143,7 @@ def export_onnx(net: MammothBackbone, input_shape: Tuple[int, ...], opset: Optio
     """Export `net` (in eval) once and derive the four mode graphs."""
     size = sum(t.numel() * t.element_size() for t in net.state_dict().values())
     if size >= ONNX_SINGLE_FILE_LIMIT:
-        raise ExportError(f"{getattr(net, 'registry_name', type(net).__name__)}: {size / 2**30:.1f} GiB "
+        raise ExportError(f"{backbone_name(net)}: {size / 2**30:.1f} GiB "
                          "of weights; self-contained ONNX files stop at 2 GiB and external-data "
                          "export is not supported yet (use --formats torchscript)")
     head = make_head(net, "full", preprocess)

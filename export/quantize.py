@@ -16,7 +16,7 @@ import numpy as np
 
 from export.atomic import atomic_path
 from export.errors import ExportError
-from export.manifest import check_files, file_entry, read_manifest, write_manifest
+from export.manifest import artifact_name, check_files, file_entry, read_manifest, write_manifest
 from export.transaction import DirectoryTransaction
 from zoo.base import RETURNT_MODES
 
@@ -67,11 +67,11 @@ def quantize_directory(directory: Path, calibration: Optional[np.ndarray] = None
         if tuple(calibration.shape[1:]) != tuple(shape):
             raise ExportError(f"calibration inputs of shape {list(calibration.shape)} do not fit; "
                               f"expected [N, {'x'.join(map(str, shape))}]")
-        modes = modes or [m for m in RETURNT_MODES if f"{m}.onnx" in manifest["files"]]
-        check_files(staging, manifest, [f"{m}.onnx" for m in modes])
+        modes = modes or [m for m in RETURNT_MODES if artifact_name(m, "onnx") in manifest["files"]]
+        check_files(staging, manifest, [artifact_name(m, "onnx") for m in modes])
         section = manifest.setdefault("quantized", {})
         for mode in modes:
-            src, dst = staging / f"{mode}.onnx", staging / f"{mode}.int8.onnx"
+            src, dst = staging / artifact_name(mode, "onnx"), staging / artifact_name(mode, "int8")
             t = time.perf_counter()
             quantize_model(src, dst, calibration)
             seconds = time.perf_counter() - t

@@ -19,10 +19,9 @@ from typing import Any, Dict, List, Optional, Sequence, Union
 import numpy as np
 
 from export.errors import ManifestError
-from export.manifest import check_files, read_manifest, read_verified
-from zoo.base import RETURNT_MODES, check_returnt
-
-OPTIMIZATION_LEVELS = ("disable", "basic", "extended", "all")
+from export.manifest import artifact_name, check_files, read_manifest, read_verified
+from export.verify import OPTIMIZATION_LEVELS, ort_session
+from zoo.base import RETURNT_MODES, check_returnt, pack_outputs
 
 
 class OnnxBackbone:
@@ -35,7 +34,7 @@ class OnnxBackbone:
 
         Args:
             directory: an export directory (manifest.json + `<mode>.onnx`).
-            threads: onnxruntime intra-op threads (None: onnxruntime's default).
+            threads: onnxruntime intra-op threads (None: torch's thread count, all cores by default).
             optimization: graph optimization level: disable, basic, extended, all.
             providers: onnxruntime execution providers (default: CUDA if `device` asks, CPU).
             device: cpu or cuda.
@@ -44,36 +43,22 @@ class OnnxBackbone:
             verify_hashes: check every file against the manifest's sha256 before using it.
                 Turn off only for files you know are the ones the manifest describes.
         """
-        import onnxruntime as ort
-
         self.directory = Path(directory)
         self.manifest: Dict[str, Any] = read_manifest(self.directory)
         if optimization not in OPTIMIZATION_LEVELS:
             raise ValueError(f"unknown optimization {optimization!r}; allowed: "
                              f"{', '.join(OPTIMIZATION_LEVELS)}")
-        self.modes = [m for m in RETURNT_MODES if f"{m}.onnx" in self.manifest["files"]]
+        self.modes = [m for m in RETURNT_MODES if artifact_name(m, "onnx") in self.manifest["files"]]
         if not self.modes:
             raise ManifestError(f"{self.directory}: the manifest lists no ONNX file")
         self.verify_hashes = verify_hashes
         if verify_hashes:
-            check_files(self.directory, self.manifest, [f"{m}.onnx" for m in self.modes])
+            check_files(self.directory, self.manifest, [artifact_name(m, "onnx") for m in self.modes])
         spec = self.manifest["input"]
         self.input_shape = tuple(spec["shape"][1:])
         self.dynamic_hw = "height" in spec.get("dynamic", [])
-        self.options = ort.SessionOptions()
-        self.options.log_severity_level = log_level  # unused parameter initializers are on purpose
-        if threads:
-            self.options.intra_op_num_threads = threads
-        self.options.graph_optimization_level = {
-            "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
-            "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
-            "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
-            "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
-        }[optimization]
-        if providers is None:
-            cuda = device.startswith("cuda") and "CUDAExecutionProvider" in ort.get_available_providers()
-            providers = (["CUDAExecutionProvider"] if cuda else []) + ["CPUExecutionProvider"]
-        self.providers = list(providers)
+        self.session_args = {"threads": threads, "optimization": optimization, "device": device,
+                             "providers": providers, "log_level": log_level}
         self._sessions: Dict[str, Any] = {}
         self._params = None  # a flat vector set with set_params, else the files' own
         self._allow_nonfinite = False
@@ -92,9 +77,7 @@ class OnnxBackbone:
             raise ValueError(f"mode {mode!r} was not exported in {self.directory}; "
                              f"available: {', '.join(self.modes)}")
         if mode not in self._sessions:
-            import onnxruntime as ort
-
-            name = f"{mode}.onnx"
+            name = artifact_name(mode, "onnx")
             data = (read_verified(self.directory, self.manifest, name) if self.verify_hashes
                     else (self.directory / name).read_bytes())
             if self._params is not None:
@@ -104,7 +87,7 @@ class OnnxBackbone:
                                          self._params, self._layout(), self.directory / name,
                                          self._allow_nonfinite)
                 data = model.SerializeToString()
-            self._sessions[mode] = ort.InferenceSession(data, self.options, providers=self.providers)
+            self._sessions[mode] = ort_session(data, **self.session_args)
         return self._sessions[mode]
 
     def _prepare(self, x: Any) -> np.ndarray:
@@ -135,11 +118,7 @@ class OnnxBackbone:
 
             device = x.device
             outs = [torch.from_numpy(o).to(device) for o in outs]
-        if returnt in ("out", "features"):
-            return outs[0]
-        if returnt == "both":
-            return outs[0], outs[1]
-        return list(outs)
+        return pack_outputs(returnt, outs)
 
     forward = __call__
 
@@ -155,7 +134,7 @@ class OnnxBackbone:
             return self._params.clone()
         from export.flat_params import model_from_bytes, params_of_model
 
-        name = f"{self.modes[0]}.onnx"
+        name = artifact_name(self.modes[0], "onnx")
         data = (read_verified(self.directory, self.manifest, name) if self.verify_hashes
                 else (self.directory / name).read_bytes())
         return params_of_model(model_from_bytes(data, self.directory / name), self._layout(),

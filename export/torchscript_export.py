@@ -4,7 +4,9 @@ import hashlib
 import io
 import warnings
 import zipfile
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import torch
 
@@ -12,27 +14,35 @@ from zoo.base import MammothBackbone
 from zoo.heads import make_head
 
 
+@contextmanager
+def jit_deprecations_silenced() -> Iterator[None]:
+    """torch 2.14 deprecates torch.jit (script, save, load, freeze) in favour of torch.export; we
+    still ship TorchScript, which users load with torch.jit.load, so exactly those warnings are
+    silenced, only where we call them."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"`torch\.jit\.\w+` is deprecated", category=FutureWarning)
+        yield
+
+
 def script_head(net: MammothBackbone, mode: str, preprocess=None) -> torch.jit.ScriptModule:
     """The scripted head of `mode` (eval). Loadable with torch.jit.load without the zoo."""
     head = make_head(net, mode, preprocess)
-    with warnings.catch_warnings():
-        # torch 2.14 deprecates torch.jit.script in favour of torch.export; we still ship
-        # TorchScript (users load it with torch.jit.load), so silence only this warning.
-        warnings.filterwarnings("ignore", message=r"`torch\.jit\.script` is deprecated",
-                                category=FutureWarning)
+    with jit_deprecations_silenced():
         return torch.jit.script(head)
 
 
 def save_torchscript(module: torch.jit.ScriptModule, path) -> None:
-    """torch.jit.save without its torch 2.14 deprecation warning, made reproducible. Saved through
-    a buffer: the zip's top folder is named after the file, and a temporary name would make it
-    random."""
+    """torch.jit.save, made reproducible. Saved through a buffer: the zip's top folder is named
+    after the file, and a temporary name would make it random."""
     buffer = io.BytesIO()
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=r"`torch\.jit\.save` is deprecated",
-                                category=FutureWarning)
+    with jit_deprecations_silenced():
         torch.jit.save(module, buffer)
     Path(path).write_bytes(reproducible_archive(buffer.getvalue()))
+
+
+def load_torchscript(path, device: str = "cpu") -> torch.jit.ScriptModule:
+    with jit_deprecations_silenced():
+        return torch.jit.load(str(path), map_location=device)
 
 
 def reproducible_archive(data: bytes) -> bytes:

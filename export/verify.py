@@ -1,12 +1,12 @@
 """Eager vs exported: load each artifact in a fresh runtime and compare every output."""
 
-import warnings
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
 
+from export.torchscript_export import load_torchscript
 from zoo.base import MammothBackbone
 
 #: The bound, elementwise: |exported - eager| <= ATOL * scale + RTOL * |eager|, with
@@ -75,14 +75,6 @@ def _apply(preprocess: Optional[torch.nn.Module], x: torch.Tensor) -> torch.Tens
     return x if preprocess is None else preprocess.to(x.device)(x)
 
 
-def load_torchscript(path, device: str = "cpu") -> torch.jit.ScriptModule:
-    """torch.jit.load, without its torch 2.14 deprecation warning (we ship TorchScript)."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=r"`torch\.jit\.load` is deprecated",
-                                category=FutureWarning)
-        return torch.jit.load(str(path), map_location=device)
-
-
 def verify_torchscript(path: Path, names: List[str], inputs, expected, device: str) -> Dict[str, dict]:
     module = load_torchscript(path, device)
     per_output: Dict[str, list] = {n: [] for n in names}
@@ -102,16 +94,39 @@ def ort_providers(device: str) -> List[str]:
     return ["CPUExecutionProvider"]
 
 
-def ort_session(path, device: str = "cpu", threads: int = 0):
-    """An onnxruntime session; `threads` > 0 fixes the intra-op thread count (benchmarks)."""
+OPTIMIZATION_LEVELS = ("disable", "basic", "extended", "all")
+
+
+def ort_session(source, device: str = "cpu", threads: Optional[int] = None, optimization: str = "all",
+                providers: Optional[Sequence[str]] = None, log_level: int = 3):
+    """The one way this project makes an onnxruntime session.
+
+    Args:
+        source: a path, or the model's bytes (so what runs is what was hashed).
+        device: cpu or cuda (the CUDA provider where onnxruntime has it).
+        threads: intra-op threads; None: torch's (`torch.get_num_threads()`, all cores unless
+            the process chose fewer), so one setting budgets both runtimes.
+        optimization: graph optimisation level, one of OPTIMIZATION_LEVELS.
+        providers: explicit execution providers (default: from `device`).
+        log_level: 3 = errors only (unused parameter initializers are kept on purpose and would
+            warn at 2).
+    """
     import onnxruntime as ort
 
+    if optimization not in OPTIMIZATION_LEVELS:
+        raise ValueError(f"unknown optimization {optimization!r}; allowed: {', '.join(OPTIMIZATION_LEVELS)}")
     options = ort.SessionOptions()
-    options.log_severity_level = 3  # unused parameter initializers are kept on purpose
-    if threads:
-        options.intra_op_num_threads = threads
-        options.inter_op_num_threads = 1
-    return ort.InferenceSession(str(path), options, providers=ort_providers(device))
+    options.log_severity_level = log_level
+    options.graph_optimization_level = {
+        "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+        "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+        "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+        "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+    }[optimization]
+    options.intra_op_num_threads = threads or torch.get_num_threads()
+    options.inter_op_num_threads = 1
+    model = source if isinstance(source, bytes) else str(source)
+    return ort.InferenceSession(model, options, providers=list(providers or ort_providers(device)))
 
 
 def verify_onnx(path: Path, names: List[str], inputs, expected, device: str) -> Dict[str, dict]:

@@ -1,5 +1,6 @@
 """Shared test fixtures: the small configuration of every backbone, and the reference data."""
 
+import os
 import warnings
 from pathlib import Path
 from typing import Any, Dict, Tuple
@@ -19,6 +20,13 @@ VECTORS = REPO / "tests" / "data" / "vectors"
 #: the CI's shared data beside the clone: also holds the two large vector files
 SHARED_VECTORS = REPO.parent / "shared" / "vectors"
 LARGE_VECTORS = ("efficientnet-b0.pt", "reduced-resnet18.pt")
+
+
+def pytest_configure(config) -> None:
+    """Two xdist workers share two cores: one thread each for torch and (through
+    export.verify.ort_session, which follows torch) onnxruntime, instead of four competing."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        torch.set_num_threads(1)
 
 
 def build_small(name: str) -> Tuple[Any, Tuple[int, ...]]:

@@ -107,3 +107,22 @@ def test_grads(built):
     net.set_grads(g)  # creates .grad where there is none
     torch.testing.assert_close(net.get_grads(), g)
     net.zero_grad(set_to_none=True)
+
+
+def test_forward_and_heads_follow_the_one_mode_table(built):
+    """`mode_outputs` (the table ONNX names, manifests and OnnxBackbone use) is what forward and
+    the export heads return."""
+    from zoo.base import mode_outputs, pack_outputs
+    from zoo.heads import make_head
+
+    net, x = built
+    names = net.output_names()
+    with torch.no_grad():
+        full = dict(zip(names, net(x, returnt="full")))
+        for mode, outputs in mode_outputs(names).items():
+            want = pack_outputs(mode, [full[n] for n in outputs])
+            for got in (net(x, returnt=mode), make_head(net, mode)(x)):
+                assert type(got) is type(want)
+                got_list = [got] if isinstance(got, torch.Tensor) else list(got)
+                want_list = [want] if isinstance(want, torch.Tensor) else list(want)
+                assert all(torch.equal(g, w) for g, w in zip(got_list, want_list, strict=True)), mode

@@ -29,9 +29,29 @@ class Stage:
 
 
 def mode_outputs(full_names: List[str]) -> Dict[str, List[str]]:
-    """Which of the `'full'` outputs each mode returns, by name and in its order."""
+    """What each `returnt` mode returns: which of the `'full'` outputs, by name and in order.
+
+    The one definition: ONNX output names, the manifest, `OnnxBackbone` and the tests take it
+    from here; `forward` and the scriptable heads (`zoo.heads`) index `forward_full` the same
+    way (logits last, features before them), which the tests check against this table.
+    """
     return {"out": ["logits"], "features": ["features"], "both": ["logits", "features"],
             "full": list(full_names)}
+
+
+def pack_outputs(mode: str, outputs: List) -> ReturntOutput:
+    """A mode's outputs (listed in `mode_outputs` order) in the shape `forward` returns them:
+    one tensor, a (logits, features) tuple, or the `'full'` list."""
+    if mode in ("out", "features"):
+        return outputs[0]
+    if mode == "both":
+        return outputs[0], outputs[1]
+    return list(outputs)
+
+
+def backbone_name(net: object) -> str:
+    """The registered name a backbone was built under (the class name if built directly)."""
+    return getattr(net, "registry_name", None) or type(net).__name__
 
 
 def check_returnt(returnt: str) -> str:

@@ -16,6 +16,8 @@ from typing import Any, Callable, Dict, Iterable, Mapping, Optional, Tuple
 import torch
 from torch import Tensor, nn
 
+from zoo.base import backbone_name
+
 __all__ = [
     "CheckpointError",
     "UnsafeCheckpointError",
@@ -103,7 +105,7 @@ def load_state_dict_strict(net: nn.Module, state_dict: Mapping[str, Any], what: 
     the registered backbone name for the message (default: the one the registry recorded)."""
     problem = state_dict_mismatch(net, state_dict)
     if problem:
-        name = name or getattr(net, "registry_name", type(net).__name__)
+        name = name or backbone_name(net)
         raise CheckpointError(f"{what or 'state_dict'} does not fit backbone {name!r}: {problem}")
     net.load_state_dict(state_dict, strict=True)
 
