@@ -1,9 +1,10 @@
 """Shared test fixtures: the small configuration of every backbone, and the reference data."""
 
 import os
+import shutil
 import warnings
 from pathlib import Path
-from typing import Any, Dict, Tuple
+from typing import Any, Dict, Iterator, Tuple
 
 import numpy as np
 import pytest
@@ -103,8 +104,12 @@ def exported(name: str, root: Path):
 
 
 @pytest.fixture(scope="session")
-def export_root(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("exports")
+def export_root(tmp_path_factory) -> Iterator[Path]:
+    """One export per backbone for the whole session, removed at its end: it is gigabytes,
+    and pytest's retention policy keeps only failed tests' own directories."""
+    root = tmp_path_factory.mktemp("exports")
+    yield root
+    shutil.rmtree(root, ignore_errors=True)
 
 
 @pytest.fixture
