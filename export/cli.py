@@ -24,6 +24,7 @@ from export import preprocessing
 from export.checkpoint import Checkpoint, read_checkpoint
 from export.core import (
     FORMATS,
+    ONNX_WEIGHTS,
     ExportResult,
     check_device,
     check_dir_name,
@@ -67,6 +68,10 @@ def _base_parser(add_help: bool) -> argparse.ArgumentParser:
                         help="load a checkpoint that is not weights-only (runs code from the file: "
                              "only for files you trust, e.g. Mammoth's old pickle format)")
     parser.add_argument("--input-shape", help="C,H,W of the example input (default: the backbone's)")
+    parser.add_argument("--onnx-weights", choices=ONNX_WEIGHTS, default="embedded",
+                        help="embedded: every ONNX file self-contained (default); shared: one "
+                             "weights.onnx.data that every mode's graph reads (weights stored once; "
+                             "always used for models of 2 GiB or more)")
     parser.add_argument("--opset", type=int, help="ONNX opset, 18 up to the newest the installed "
                         "onnx knows (default: the exporter's)")
     parser.add_argument("--out", type=Path, default=Path("artifacts"),
@@ -216,7 +221,8 @@ def _export(net, out_dir: Path, opts, source, prep=None) -> ExportResult:
     return export_backbone(net, out_dir, modes=parse_list(opts.modes, RETURNT_MODES, "mode"),
                            formats=parse_list(opts.formats, FORMATS, "format"),
                            input_shape=_parse_shape(opts.input_shape), opset=opts.opset,
-                           device=opts.device, source=source, preprocessing=prep)
+                           device=opts.device, source=source, preprocessing=prep,
+                           onnx_weights=opts.onnx_weights)
 
 
 def _print_result(result: ExportResult) -> None:

@@ -10,7 +10,13 @@ import numpy as np
 import torch
 
 from export.errors import ExportError, IntegrityError
-from export.flat_params import OnnxParamsError, read_onnx_params, refuse_export_file, write_onnx_params
+from export.flat_params import (
+    OnnxParamsError,
+    read_onnx_params,
+    refuse_export_file,
+    rewrite_shared_params,
+    write_onnx_params,
+)
 from export.manifest import artifact_name, check_files, layout_problem, read_manifest, stray_files
 from export.preprocessing import Normalize
 from export.tables import format_table
@@ -161,10 +167,12 @@ def run_params(argv: Sequence[str]) -> int:
     p_read.add_argument("onnx", type=Path)
     p_read.add_argument("--out", type=Path)
     p_read.add_argument("--manifest", type=Path, help="manifest.json (default: beside the file)")
-    p_write = sub.add_parser("write", help="write a vector (.pt/.npy) into a copy of an ONNX file")
-    p_write.add_argument("onnx", type=Path)
+    p_write = sub.add_parser("write", help="write a vector (.pt/.npy) into a copy of an ONNX file, "
+                             "or (given an export directory with shared weights) into the directory")
+    p_write.add_argument("onnx", type=Path, help="an ONNX file, or an export directory exported with "
+                         "--onnx-weights shared (rewritten in place, every mode and format at once)")
     p_write.add_argument("vector", type=Path)
-    p_write.add_argument("--out", type=Path, required=True, help="the new ONNX file")
+    p_write.add_argument("--out", type=Path, help="the new ONNX file (required for a file)")
     p_write.add_argument("--allow-nonfinite", action="store_true", help="accept NaN/inf values")
     p_write.add_argument("--manifest", type=Path, help="manifest.json (default: beside the file)")
     args = parser.parse_args(argv)
@@ -184,6 +192,15 @@ def run_params(argv: Sequence[str]) -> int:
                 else:
                     torch.save(vector, tmp)
         return 0
+    if args.onnx.is_dir():
+        if args.out is not None:
+            raise ExportError(f"{args.onnx} is a directory: it is rewritten in place, --out does not apply")
+        rewrite_shared_params(args.onnx, _load_vector(args.vector), args.allow_nonfinite)
+        print(f"rewrote the parameters of {args.onnx} (every mode's ONNX and TorchScript file)")
+        return 0
+    if args.out is None:
+        raise ExportError("params write FILE VECTOR needs --out NEW.onnx (a directory with shared "
+                          "weights is rewritten in place instead)")
     out = write_onnx_params(args.onnx, _load_vector(args.vector), args.out, manifest,
                             allow_nonfinite=args.allow_nonfinite)
     print(f"wrote {out}")

@@ -11,7 +11,7 @@ import torch
 
 from export.atomic import atomic_path
 from export.errors import ExportError
-from export.manifest import artifact_name, file_entry, param_layout, versions, write_manifest
+from export.manifest import SHARED_WEIGHTS, artifact_name, file_entry, param_layout, versions, write_manifest
 from export.preprocessing import Normalize, Preprocessing
 from export.torchscript_export import save_torchscript, script_head
 from export.transaction import DirectoryTransaction
@@ -19,6 +19,8 @@ from export.verify import ATOL, REL_FLOOR, RTOL, eager_outputs, sample_inputs, v
 from zoo.base import RETURNT_MODES, MammothBackbone, backbone_name, mode_outputs
 
 FORMATS: Tuple[str, ...] = ("torchscript", "onnx")
+#: how ONNX graphs hold their weights: each file its own copy, or one shared external-data file
+ONNX_WEIGHTS: Tuple[str, ...] = ("embedded", "shared")
 #: the largest batch an export runs (verification at 1 and 3, the ONNX example at 2)
 _LARGEST_BATCH = 3
 
@@ -163,6 +165,7 @@ def export_backbone(
     device: str = "cpu",
     source: Optional[Dict[str, Any]] = None,
     preprocessing: Optional[Preprocessing] = None,
+    onnx_weights: str = "embedded",
 ) -> ExportResult:
     """Export `net` into `out_dir` as `<mode>.pt` / `<mode>.onnx` plus `manifest.json`.
 
@@ -178,6 +181,9 @@ def export_backbone(
         source: what the weights are, recorded in the manifest.
         preprocessing: the input normalisation the model was trained with, recorded in the
             manifest; with `baked=True` every graph applies it (its input is then [0, 1] images).
+        onnx_weights: "embedded" (each ONNX file self-contained) or "shared" (one
+            `weights.onnx.data` that every mode's graph refers to). Models of 2 GiB of weights or
+            more are always exported shared: a self-contained ONNX file cannot hold them.
     Returns:
         An ExportResult; `ok` is False (and nothing was replaced) if any artifact failed.
     """
@@ -185,6 +191,8 @@ def export_backbone(
     formats = parse_list(",".join(formats), FORMATS, "format")
     check_device(device)
     check_opset(opset)
+    if onnx_weights not in ONNX_WEIGHTS:
+        raise ExportError(f"unknown --onnx-weights {onnx_weights!r}; allowed: {', '.join(ONNX_WEIGHTS)}")
     problem = nonfinite_problem(net.state_dict())
     if problem:
         raise ExportError(f"the weights have {problem}: nothing to export (a diverged run?)")
@@ -192,7 +200,7 @@ def export_backbone(
     shape = check_input_shape(net, tuple(input_shape or net.input_shape))
     with DirectoryTransaction(Path(out_dir)) as tx:
         result = _write_verified_set(net, tx.staging, modes, formats, shape, opset, device, source,
-                                     preprocessing)
+                                     preprocessing, onnx_weights)
         if result.ok:
             tx.commit()
     result.directory = Path(out_dir)
@@ -202,7 +210,8 @@ def export_backbone(
 def _write_verified_set(net: MammothBackbone, out_dir: Path, modes: Sequence[str],
                         formats: Sequence[str], shape: Tuple[int, ...], opset: Optional[int],
                         device: str, source: Optional[Dict[str, Any]],
-                        preprocessing: Optional[Preprocessing] = None) -> ExportResult:
+                        preprocessing: Optional[Preprocessing] = None,
+                        onnx_weights: str = "embedded") -> ExportResult:
     """Write and verify every artifact and the manifest into `out_dir` (a staging directory)."""
     full_names = net.output_names()
     outputs = mode_outputs(full_names)
@@ -218,10 +227,15 @@ def _write_verified_set(net: MammothBackbone, out_dir: Path, modes: Sequence[str
     onnx_info: Optional[Dict[str, Any]] = None
 
     if "onnx" in formats:
-        from export.onnx_export import export_onnx
+        from export.onnx_export import ONNX_SINGLE_FILE_LIMIT, export_onnx, weights_bytes
 
+        if onnx_weights == "embedded" and weights_bytes(net) >= ONNX_SINGLE_FILE_LIMIT:
+            onnx_weights = "shared"  # a self-contained ONNX file cannot hold 2 GiB
         t = time.perf_counter()
-        exported = export_onnx(net, shape, opset=opset, device=device, preprocess=preprocess)
+        exported = export_onnx(net, shape, opset=opset, device=device, preprocess=preprocess,
+                               weights_dir=out_dir if onnx_weights == "shared" else None)
+        if onnx_weights == "shared":
+            files[SHARED_WEIGHTS] = file_entry(out_dir / SHARED_WEIGHTS)
         onnx_names, opset_used = exported.param_names, exported.opset
         from export.onnx_export import runtime_requirements
 
@@ -269,6 +283,7 @@ def _write_verified_set(net: MammothBackbone, out_dir: Path, modes: Sequence[str
         "files": dict(sorted(files.items())),
         "opset": opset_used,
         "onnx": onnx_info,
+        "onnx_weights": onnx_weights if "onnx" in formats else None,
         "versions": versions(),
         "verification": verification,
         "tolerance": {"atol": ATOL, "rtol": RTOL, "rel_floor": REL_FLOOR,

@@ -176,3 +176,58 @@ def write_onnx_params(path: Path, vector: Tensor, out: Path,
         with atomic_path(out) as tmp:
             onnx.save(model, str(tmp))
     return out
+
+
+def rewrite_shared_params(directory: Path, vector: Tensor, allow_nonfinite: bool = False) -> Dict[str, Any]:
+    """Put `vector` into an export directory with shared ONNX weights, in place and atomically.
+
+    `weights.onnx.data` (read by every mode's graph) gets the new values at the offsets the
+    graphs name; the TorchScript files, which hold their own copy, get the same vector; int8
+    files (quantized from the old weights) are removed. All of it happens in a staging copy of
+    the directory that replaces it in one step, with the manifest's hashes updated.
+    """
+    from export.manifest import SHARED_WEIGHTS, artifact_name, check_files, file_entry, write_manifest
+    from export.torchscript_export import load_torchscript, save_torchscript
+    from export.transaction import DirectoryTransaction
+
+    directory = Path(directory)
+    with DirectoryTransaction(directory, keep_existing=True) as tx:
+        staging = tx.staging
+        manifest = read_manifest(staging)
+        if manifest.get("onnx_weights") != "shared":
+            raise OnnxParamsError(f"{directory}: its ONNX files hold their own weights (exported "
+                                  "without --onnx-weights shared); write a new file with --out")
+        check_files(staging, manifest)
+        layout = layout_for(staging, manifest)
+        check_params_vector(vector, layout, allow_nonfinite)
+        graph = next(staging / artifact_name(m, "onnx") for m in manifest["modes"]
+                     if artifact_name(m, "onnx") in manifest["files"])
+        where = {t.name: {kv.key: kv.value for kv in t.external_data}
+                 for t in onnx.load(str(graph), load_external_data=False).graph.initializer
+                 if t.data_location == onnx.TensorProto.EXTERNAL}
+        data = bytearray((staging / SHARED_WEIGHTS).read_bytes())
+        values = vector.detach().cpu().numpy().astype("<f4")
+        for e in layout:
+            place = where.get(e["onnx_name"])
+            chunk = values[e["offset"]:e["offset"] + e["length"]].tobytes()
+            if place is None or int(place.get("length", -1)) != len(chunk):
+                raise OnnxParamsError(f"{graph}: {e['onnx_name']} is not where the layout expects it "
+                                      f"in {SHARED_WEIGHTS}")
+            start = int(place.get("offset", 0))
+            data[start:start + len(chunk)] = chunk
+        with atomic_path(staging / SHARED_WEIGHTS) as tmp:
+            tmp.write_bytes(bytes(data))
+        manifest["files"][SHARED_WEIGHTS] = file_entry(staging / SHARED_WEIGHTS)
+        for name in [n for n in manifest["files"] if n.endswith(".pt")]:
+            module = load_torchscript(staging / name)
+            module.set_params(vector.detach().cpu())
+            with atomic_path(staging / name) as tmp:
+                save_torchscript(module, tmp)
+            manifest["files"][name] = file_entry(staging / name)
+        for info in manifest.pop("quantized", {}).values():
+            manifest["files"].pop(info["file"], None)
+            (staging / info["file"]).unlink(missing_ok=True)
+        manifest["source"] = {**manifest.get("source", {}), "params_rewritten": True}
+        write_manifest(staging, manifest)
+        tx.commit()
+    return manifest

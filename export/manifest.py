@@ -15,6 +15,8 @@ from export.errors import IntegrityError, ManifestError
 from zoo.base import MammothBackbone
 
 MANIFEST = "manifest.json"
+#: the one external-data file every mode's ONNX graph reads its parameters from (--onnx-weights shared)
+SHARED_WEIGHTS = "weights.onnx.data"
 #: file name of each kind of artifact, after the mode: `out.pt`, `full.onnx`, `out.int8.onnx`
 ARTIFACT_SUFFIX = {"torchscript": ".pt", "onnx": ".onnx", "int8": ".int8.onnx"}
 

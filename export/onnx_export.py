@@ -9,8 +9,11 @@ onnxruntime still fuses Conv+BN itself at session creation (measured: same speed
 exporter's own BN folding).
 """
 
+import os
+import tempfile
 import warnings
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
 import onnx
@@ -19,6 +22,7 @@ import torch
 from onnxscript import optimizer
 
 from export.errors import ExportError
+from export.manifest import SHARED_WEIGHTS
 from zoo.base import MammothBackbone, backbone_name, mode_outputs
 from zoo.heads import BACKBONE_PREFIX, make_head
 
@@ -53,6 +57,10 @@ def max_opset() -> int:
 
 #: protobuf cannot serialise more than 2 GiB in one message
 ONNX_SINGLE_FILE_LIMIT = 2**31 - 2**26
+
+
+def weights_bytes(net: torch.nn.Module) -> int:
+    return sum(t.numel() * t.element_size() for t in net.state_dict().values())
 
 
 @dataclass
@@ -139,13 +147,18 @@ def _keep_all_parameters(model: ir.Model, net: MammothBackbone, prefix: str) -> 
 
 
 def export_onnx(net: MammothBackbone, input_shape: Tuple[int, ...], opset: Optional[int] = None,
-                device: str = "cpu", preprocess: Optional[torch.nn.Module] = None) -> OnnxExport:
-    """Export `net` (in eval) once and derive the four mode graphs."""
-    size = sum(t.numel() * t.element_size() for t in net.state_dict().values())
-    if size >= ONNX_SINGLE_FILE_LIMIT:
-        raise ExportError(f"{backbone_name(net)}: {size / 2**30:.1f} GiB "
-                         "of weights; self-contained ONNX files stop at 2 GiB and external-data "
-                         "export is not supported yet (use --formats torchscript)")
+                device: str = "cpu", preprocess: Optional[torch.nn.Module] = None,
+                weights_dir: Optional[Path] = None) -> OnnxExport:
+    """Export `net` (in eval) once and derive the four mode graphs.
+
+    With `weights_dir`, every parameter goes into `weights_dir/weights.onnx.data` (written
+    here) and every mode's graph refers to it (ONNX external data), so the weights are stored
+    once; without it each graph is self-contained, which protobuf allows below 2 GiB.
+    """
+    size = weights_bytes(net)
+    if size >= ONNX_SINGLE_FILE_LIMIT and weights_dir is None:
+        raise ExportError(f"{backbone_name(net)}: {size / 2**30:.1f} GiB of weights; self-contained "
+                          "ONNX files stop at 2 GiB: use shared weights (--onnx-weights shared)")
     head = make_head(net, "full", preprocess)
     example = torch.randn(2, *input_shape, device=device)
     full_names = net.output_names()
@@ -169,6 +182,8 @@ def export_onnx(net: MammothBackbone, input_shape: Tuple[int, ...], opset: Optio
         node.metadata_props.pop("pkg.torch.onnx.stack_trace", None)
     _rename_outputs(model.graph, full_names)
     mapping = _keep_all_parameters(model, net, prefix)
+    if weights_dir is not None:
+        _share_parameters(model, [mapping[n] for n, _ in net.named_parameters()], Path(weights_dir))
     full_proto = ir.serde.serialize_model(model)
     models: Dict[str, onnx.ModelProto] = {}
     for mode, names in mode_outputs(full_names).items():
@@ -179,9 +194,35 @@ def export_onnx(net: MammothBackbone, input_shape: Tuple[int, ...], opset: Optio
                           f"produced opset {opset_used}; supported: {MIN_OPSET}-{max_opset()}")
     for proto in models.values():
         proto.producer_name = "returnt-zoo"
-        onnx.checker.check_model(proto, full_check=True)
-    models = {m: onnx.shape_inference.infer_shapes(p, strict_mode=True) for m, p in models.items()}
+    models = {m: _checked(p, weights_dir) for m, p in models.items()}
     return OnnxExport(models, mapping, opset_used)
+
+
+def _checked(proto: onnx.ModelProto, weights_dir: Optional[Path]) -> onnx.ModelProto:
+    """onnx.checker (full) and strict shape inference. A graph with external data is checked
+    as a file beside its data (the checker resolves the data's location from the file's)."""
+    if weights_dir is None:
+        onnx.checker.check_model(proto, full_check=True)
+        return onnx.shape_inference.infer_shapes(proto, strict_mode=True)
+    fd, name = tempfile.mkstemp(prefix=".check-", suffix=".onnx.tmp", dir=weights_dir)
+    os.close(fd)
+    try:
+        onnx.save(proto, name)
+        onnx.checker.check_model(name, full_check=True)
+        onnx.shape_inference.infer_shapes_path(name, name, strict_mode=True)
+        return onnx.load(name, load_external_data=False)
+    finally:
+        os.unlink(name)
+
+
+def _share_parameters(model: ir.Model, names: List[str], weights_dir: Path) -> None:
+    """Move the parameter initializers (in parameters() order) into one external-data file."""
+    inits = model.graph.initializers
+    tensors = [inits[n].const_value for n in names]
+    external = ir.external_data.convert_tensors_to_external(tensors, base_dir=str(weights_dir),
+                                                            relative_path=SHARED_WEIGHTS)
+    for name, tensor in zip(names, external):
+        inits[name].const_value = tensor
 
 
 def _select_outputs(full: onnx.ModelProto, names: List[str]) -> onnx.ModelProto:

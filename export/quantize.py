@@ -27,6 +27,7 @@ def builtin_calibration(input_shape: Sequence[int], samples: int = 32, seed: int
 
 def quantize_model(src: Path, dst: Path, calibration: np.ndarray, batch: int = 8) -> None:
     """Static QDQ quantization of one ONNX file (u8 activations, per-channel s8 weights)."""
+    import onnx
     import onnxruntime
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
@@ -44,7 +45,10 @@ def quantize_model(src: Path, dst: Path, calibration: np.ndarray, batch: int = 8
     with tempfile.TemporaryDirectory() as tmp:
         pre = Path(tmp) / "pre.onnx"
         # ORT's symbolic shape inference cannot read our folded constants; onnx's is enough
-        quant_pre_process(str(src), str(pre), skip_symbolic_shape=True)
+        # a self-contained copy: shared weights (external data) live beside `src`, not in `tmp`
+        embedded = Path(tmp) / "embedded.onnx"
+        onnx.save(onnx.load(str(src)), str(embedded))
+        quant_pre_process(str(embedded), str(pre), skip_symbolic_shape=True)
         with atomic_path(dst) as out:
             quantize_static(str(pre), str(out), Reader(), quant_format=QuantFormat.QDQ,
                             per_channel=True, activation_type=QuantType.QUInt8,

@@ -19,7 +19,7 @@ from typing import Any, Dict, List, Optional, Sequence, Union
 import numpy as np
 
 from export.errors import ManifestError
-from export.manifest import artifact_name, check_files, read_manifest, read_verified
+from export.manifest import SHARED_WEIGHTS, artifact_name, check_files, read_manifest, read_verified
 from export.verify import OPTIMIZATION_LEVELS, ort_session
 from zoo.base import RETURNT_MODES, check_returnt, pack_outputs
 
@@ -52,8 +52,11 @@ class OnnxBackbone:
         if not self.modes:
             raise ManifestError(f"{self.directory}: the manifest lists no ONNX file")
         self.verify_hashes = verify_hashes
+        # shared weights: the graphs read one external-data file, resolved beside them on disk
+        self.shared_weights = self.manifest.get("onnx_weights") == "shared"
         if verify_hashes:
-            check_files(self.directory, self.manifest, [artifact_name(m, "onnx") for m in self.modes])
+            check_files(self.directory, self.manifest, [artifact_name(m, "onnx") for m in self.modes]
+                        + ([SHARED_WEIGHTS] if self.shared_weights else []))
         spec = self.manifest["input"]
         self.input_shape = tuple(spec["shape"][1:])
         self.dynamic_hw = "height" in spec.get("dynamic", [])
@@ -77,17 +80,18 @@ class OnnxBackbone:
             raise ValueError(f"mode {mode!r} was not exported in {self.directory}; "
                              f"available: {', '.join(self.modes)}")
         if mode not in self._sessions:
-            name = artifact_name(mode, "onnx")
-            data = (read_verified(self.directory, self.manifest, name) if self.verify_hashes
-                    else (self.directory / name).read_bytes())
+            path = self.directory / artifact_name(mode, "onnx")
             if self._params is not None:
-                from export.flat_params import model_from_bytes, set_model_params
+                from export.flat_params import set_model_params
 
-                model = set_model_params(model_from_bytes(data, self.directory / name),
-                                         self._params, self._layout(), self.directory / name,
+                model = set_model_params(self._model(mode), self._params, self._layout(), path,
                                          self._allow_nonfinite)
-                data = model.SerializeToString()
-            self._sessions[mode] = ort_session(data, **self.session_args)
+                source: Any = model.SerializeToString()
+            elif self.shared_weights:
+                source = path  # checked with its data file at construction; ORT reads both
+            else:
+                source = self._verified_bytes(path.name)
+            self._sessions[mode] = ort_session(source, **self.session_args)
         return self._sessions[mode]
 
     def _prepare(self, x: Any) -> np.ndarray:
@@ -128,17 +132,27 @@ class OnnxBackbone:
 
         return layout_for(self.directory, self.manifest)
 
+    def _verified_bytes(self, name: str) -> bytes:
+        return (read_verified(self.directory, self.manifest, name) if self.verify_hashes
+                else (self.directory / name).read_bytes())
+
+    def _model(self, mode: str):
+        """The ONNX model of `mode` with its weights (external data loaded from beside it)."""
+        from export.flat_params import load_onnx, model_from_bytes
+
+        path = self.directory / artifact_name(mode, "onnx")
+        if self.shared_weights:
+            return load_onnx(path)
+        return model_from_bytes(self._verified_bytes(path.name), path)
+
     def get_params(self):
         """The flat parameter vector (eager `parameters()` order) as a torch tensor."""
         if self._params is not None:
             return self._params.clone()
-        from export.flat_params import model_from_bytes, params_of_model
+        from export.flat_params import params_of_model
 
-        name = artifact_name(self.modes[0], "onnx")
-        data = (read_verified(self.directory, self.manifest, name) if self.verify_hashes
-                else (self.directory / name).read_bytes())
-        return params_of_model(model_from_bytes(data, self.directory / name), self._layout(),
-                               self.directory / name)
+        return params_of_model(self._model(self.modes[0]), self._layout(),
+                               self.directory / artifact_name(self.modes[0], "onnx"))
 
     def set_params(self, vector, allow_nonfinite: bool = False) -> None:
         """Use `vector` as the parameters: validated, then every session is rebuilt in memory.

@@ -137,9 +137,13 @@ class DirectoryTransaction:
                               f"{MANIFEST}): choose another --name or --out, or remove it")
 
     def _link_existing(self) -> None:
+        """Hard links, except for ONNX external-data files: onnx refuses to read one with more
+        than one link (its guard against hard-link attacks), so those are copied."""
         for src in self.target.iterdir():
             if src.is_file() and not src.name.endswith(TMP_SUFFIX):
                 try:
+                    if src.name.endswith(".data"):
+                        raise OSError("copied")
                     os.link(src, self.staging / src.name)
                 except OSError:
                     shutil.copy2(src, self.staging / src.name)

@@ -177,13 +177,6 @@ def test_directory_names():
     assert dir_name(get_entry("resnet50-pt"), {"num_classes": 10, "weights": "/a/b.pth"}) == "resnet50-pt"
 
 
-def test_onnx_over_two_gib_refused_clearly(capsys, tmp_path, monkeypatch):
-    monkeypatch.setattr("export.onnx_export.ONNX_SINGLE_FILE_LIMIT", 1000)
-    code, _, err = run(capsys, "mnistmlp", "--formats", "onnx", "--out", tmp_path)
-    assert code == 2 and "external-data export is not supported yet (use --formats torchscript)" in err
-    assert not list(tmp_path.rglob("*.onnx"))
-
-
 def test_opset_option(capsys, tmp_path):
     code, _, err = run(capsys, "mnistmlp", "--opset", "18", "--formats", "onnx", "--modes", "out",
                        "--out", tmp_path)
