@@ -99,7 +99,8 @@ def test_params_write_rewrites_the_directory_in_place(shared, tmp_path, capsys):
 
 def test_embedded_directories_are_not_rewritten(tmp_path, capsys):
     assert main(["mnistmlp", "--mlp_hidden_size", "4", "--out", str(tmp_path), "--formats", "onnx"]) == 0
-    torch.save(torch.zeros(OnnxBackbone(tmp_path / "mnistmlp-mlp_hidden_size4").get_params().numel()), tmp_path / "z.pt")
+    count = OnnxBackbone(tmp_path / "mnistmlp-mlp_hidden_size4").get_params().numel()
+    torch.save(torch.zeros(count), tmp_path / "z.pt")
     capsys.readouterr()
     assert main(["params", "write", str(tmp_path / "mnistmlp-mlp_hidden_size4"), str(tmp_path / "z.pt")]) == 2
     assert "hold their own weights (exported without --onnx-weights shared)" in capsys.readouterr().err
