@@ -209,9 +209,15 @@ def run_export(argv: Sequence[str]) -> int:
     else:
         set_unit_scale(net, tuple(net.input_shape), opts.seed)
     out_dir = opts.out / (check_dir_name(opts.name) if opts.name is not None else dir_name(entry, kwargs))
-    dataset = opts.dataset or (ckpt.args.get("dataset") if ckpt else None)
-    prep = preprocessing.resolve(net.input_shape[0], dataset if isinstance(dataset, str) else None,
-                                 opts.mean, opts.std, opts.bake_preprocessing)
+    dataset = opts.dataset
+    trained_on = ckpt.args.get("dataset") if ckpt else None
+    if dataset is None and isinstance(trained_on, str):
+        if trained_on in preprocessing.MAMMOTH_DATASETS:
+            dataset = trained_on
+        elif opts.mean is None:
+            print(f"note: the checkpoint's dataset {trained_on!r} is not in the normalisation table; "
+                  "the manifest records none (give --mean/--std)", file=sys.stderr)
+    prep = preprocessing.resolve(net.input_shape[0], dataset, opts.mean, opts.std, opts.bake_preprocessing)
     result = _export(net, out_dir, opts, _source(ckpt, opts.seed), prep)
     _print_result(result)
     return 0 if result.ok else 1

@@ -65,3 +65,13 @@ def test_bad_normalisation_is_one_line(capsys, tmp_path, argv, message):
         else run(capsys, *argv, "--out", tmp_path)
     assert code == 2 and message in err and err.count("\n") == 1, err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_unknown_checkpoint_dataset_is_a_note_not_an_error(capsys, tmp_path):
+    ckpt = torch.load(CKPT, weights_only=True)
+    ckpt["args"]["dataset"] = "seq-core50"
+    torch.save(ckpt, tmp_path / "c.pt")
+    code, _, err = run(capsys, "--checkpoint", tmp_path / "c.pt", "--out", tmp_path, "--modes", "out",
+                       "--formats", "onnx", "--name", "c")
+    assert code == 0 and "dataset 'seq-core50' is not in the normalisation table" in err
+    assert json.loads((tmp_path / "c" / "manifest.json").read_text())["preprocessing"] is None
