@@ -42,22 +42,21 @@ def layout_for(path: Path, manifest: Optional[Dict[str, Any]] = None) -> List[Di
 
 def model_from_bytes(data: bytes, path: Path) -> onnx.ModelProto:
     """Parse an ONNX model with a one-line error for a corrupt or foreign file."""
-    try:
-        model = onnx.load_model_from_string(data)
-    except Exception as exc:  # protobuf DecodeError and friends
-        raise OnnxParamsError(f"{path}: not an ONNX model ({type(exc).__name__})") from None
-    if not model.graph.node and not model.graph.initializer:
-        raise OnnxParamsError(f"{path}: not an ONNX model (empty graph)")
-    return model
+    return _parsed(path, lambda: onnx.load_model_from_string(data))
 
 
 def load_onnx(path: Path) -> onnx.ModelProto:
-    """onnx.load with a one-line error for a missing, corrupt or foreign file."""
+    """onnx.load (external data included) with a one-line error for a missing, corrupt or
+    foreign file."""
     path = Path(path)
     if not path.is_file():
         raise OnnxParamsError(f"{path}: no such file")
+    return _parsed(path, lambda: onnx.load(str(path)))
+
+
+def _parsed(path: Path, parse) -> onnx.ModelProto:
     try:
-        model = onnx.load(str(path))
+        model = parse()
     except Exception as exc:  # protobuf DecodeError and friends
         raise OnnxParamsError(f"{path}: not an ONNX model ({type(exc).__name__})") from None
     if not model.graph.node and not model.graph.initializer:
