@@ -1,4 +1,5 @@
-"""`python -m export`: export backbones to TorchScript and ONNX, verify and inspect artifacts.
+"""`python -m export`: export backbones to TorchScript, ONNX, torch.export and AOTInductor;
+verify and inspect artifacts.
 
     python -m export BACKBONE [--depth 18 ...] [--modes ...] [--formats ...] [--out artifacts]
     python -m export --checkpoint run_last.pt          # a Mammoth run: backbone + args from it
@@ -23,6 +24,7 @@ import torch
 from export import preprocessing
 from export.checkpoint import Checkpoint, read_checkpoint
 from export.core import (
+    DEFAULT_FORMATS,
     FORMATS,
     ONNX_WEIGHTS,
     ExportResult,
@@ -31,6 +33,7 @@ from export.core import (
     check_opset,
     export_backbone,
     nonfinite_problem,
+    parse_aoti_batches,
     parse_list,
 )
 from export.errors import ExportError
@@ -48,8 +51,10 @@ class CliError(ExportError):
 def _base_parser(add_help: bool) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m export", add_help=add_help,
-        description="Export a returnt-zoo backbone: one TorchScript and one ONNX file per returnt "
-                    "mode, each verified against eager PyTorch, plus manifest.json.",
+        description="Export a returnt-zoo backbone: per returnt mode a TorchScript file (.pt), an "
+                    "ONNX graph (.onnx), a torch.export program (.ep.pt2) and, on request, an "
+                    "AOTInductor package (.aoti.pt2), each verified against eager PyTorch, plus "
+                    "manifest.json.",
         epilog="Subcommands (each with --help): verify DIR, params read|write, quantize DIR, "
                "bench. "
                "Examples: python -m export resnet --depth 18; python -m export resnet18 "
@@ -60,8 +65,13 @@ def _base_parser(add_help: bool) -> argparse.ArgumentParser:
     parser.add_argument("--all", action="store_true", help="export every registered backbone")
     parser.add_argument("--modes", default=",".join(RETURNT_MODES),
                         help="comma-separated returnt modes (default: %(default)s)")
-    parser.add_argument("--formats", default=",".join(FORMATS),
-                        help="comma-separated formats (default: %(default)s)")
+    parser.add_argument("--formats", default=",".join(DEFAULT_FORMATS),
+                        help=f"comma-separated formats out of {', '.join(FORMATS)} (default: "
+                             "%(default)s; aoti compiles C++, tens of seconds per package)")
+    parser.add_argument("--aoti-batch", default="dynamic", metavar="SIZES",
+                        help="AOTInductor packages per mode: 'dynamic' (<mode>.aoti.pt2, any batch) "
+                             "and/or batch sizes (<mode>.aoti.b<N>.pt2, compiled for N: faster at "
+                             "small batches), e.g. 1,64 or dynamic,1 (default: %(default)s)")
     parser.add_argument("--checkpoint", type=Path, help="weights: a backbone state_dict (.pt, "
                         ".safetensors) or a Mammoth run checkpoint (backbone and args read from it)")
     parser.add_argument("--allow-unsafe-pickle", action="store_true",
@@ -177,6 +187,7 @@ def run_export(argv: Sequence[str]) -> int:
     # every option is checked before any work (a checkpoint read, a build, an export)
     parse_list(first.modes, RETURNT_MODES, "mode")
     parse_list(first.formats, FORMATS, "format")
+    parse_aoti_batches(first.aoti_batch)
     check_device(first.device)
     check_opset(first.opset)
     _parse_shape(first.input_shape)
@@ -228,7 +239,7 @@ def _export(net, out_dir: Path, opts, source, prep=None) -> ExportResult:
                            formats=parse_list(opts.formats, FORMATS, "format"),
                            input_shape=_parse_shape(opts.input_shape), opset=opts.opset,
                            device=opts.device, source=source, preprocessing=prep,
-                           onnx_weights=opts.onnx_weights)
+                           onnx_weights=opts.onnx_weights, aoti_batches=parse_aoti_batches(opts.aoti_batch))
 
 
 def _print_result(result: ExportResult) -> None:

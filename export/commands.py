@@ -11,7 +11,7 @@ import torch
 
 from export.errors import ExportError, IntegrityError
 from export.flat_params import (
-    OnnxParamsError,
+    ParamsError,
     read_onnx_params,
     refuse_export_file,
     rewrite_shared_params,
@@ -133,7 +133,7 @@ def run_verify(argv: Sequence[str]) -> int:
     args = parser.parse_args(argv)
     try:
         report = verify_directory(args.directory, args.seed, args.device)
-    except (VerifyError, IntegrityError, OnnxParamsError) as exc:
+    except (VerifyError, IntegrityError, ParamsError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     print(format_table(["mode", "output", "format", "max abs", "max rel", "status"], report.rows))

@@ -11,14 +11,24 @@ import torch
 
 from export.atomic import atomic_path
 from export.errors import ExportError
-from export.manifest import SHARED_WEIGHTS, artifact_name, file_entry, param_layout, versions, write_manifest
+from export.manifest import (
+    SHARED_WEIGHTS,
+    aoti_name,
+    artifact_name,
+    file_entry,
+    param_layout,
+    versions,
+    write_manifest,
+)
 from export.preprocessing import Normalize, Preprocessing
 from export.torchscript_export import save_torchscript, script_head
 from export.transaction import DirectoryTransaction
-from export.verify import ATOL, REL_FLOOR, RTOL, eager_outputs, sample_inputs, verify_onnx, verify_torchscript
+from export.verify import ATOL, REL_FLOOR, RTOL, VERIFIERS, eager_outputs, sample_inputs
 from zoo.base import RETURNT_MODES, MammothBackbone, backbone_name, mode_outputs
 
-FORMATS: Tuple[str, ...] = ("torchscript", "onnx")
+#: every format; `aoti` compiles C++ for tens of seconds per package, so it is asked for explicitly
+FORMATS: Tuple[str, ...] = ("torchscript", "onnx", "exported", "aoti")
+DEFAULT_FORMATS: Tuple[str, ...] = ("torchscript", "onnx", "exported")
 #: how ONNX graphs hold their weights: each file its own copy, or one shared external-data file
 ONNX_WEIGHTS: Tuple[str, ...] = ("embedded", "shared")
 #: the largest batch an export runs (verification at 1 and 3, the ONNX example at 2)
@@ -66,6 +76,31 @@ def check_device(device: str) -> torch.device:
     elif dev.type != "cpu":
         raise ExportError(f"--device {device!r} is not supported; allowed: cpu, cuda, cuda:N")
     return dev
+
+
+def parse_aoti_batches(text: str) -> List[Optional[int]]:
+    """'dynamic,1,64' -> [None, 1, 64]: the AOTInductor packages to build per mode."""
+    batches: List[Optional[int]] = []
+    for item in (t.strip() for t in text.split(",")):
+        if item == "dynamic":
+            batches.append(None)
+            continue
+        try:
+            batches.append(int(item))
+        except ValueError:
+            raise ExportError(f"--aoti-batch {item!r}: expected batch sizes and/or 'dynamic', "
+                              "e.g. 1,64 or dynamic,1") from None
+    return check_aoti_batches(batches)
+
+
+def check_aoti_batches(batches: Sequence[Optional[int]]) -> List[Optional[int]]:
+    from export.program_export import MAX_BATCH
+
+    bad = [b for b in batches if b is not None and not 1 <= b <= MAX_BATCH]
+    if bad or not batches:
+        raise ExportError(f"--aoti-batch {bad[0] if bad else '(empty)'}: batch sizes go from 1 to "
+                          f"{MAX_BATCH} ('dynamic': any)")
+    return sorted(set(batches), key=lambda b: -1 if b is None else b)
 
 
 def check_opset(opset: Optional[int]) -> None:
@@ -159,19 +194,21 @@ def export_backbone(
     net: MammothBackbone,
     out_dir: Path,
     modes: Sequence[str] = RETURNT_MODES,
-    formats: Sequence[str] = FORMATS,
+    formats: Sequence[str] = DEFAULT_FORMATS,
     input_shape: Optional[Tuple[int, ...]] = None,
     opset: Optional[int] = None,
     device: str = "cpu",
     source: Optional[Dict[str, Any]] = None,
     preprocessing: Optional[Preprocessing] = None,
     onnx_weights: str = "embedded",
+    aoti_batches: Sequence[Optional[int]] = (None,),
 ) -> ExportResult:
-    """Export `net` into `out_dir` as `<mode>.pt` / `<mode>.onnx` plus `manifest.json`.
+    """Export `net` into `out_dir`: one file per mode and format, plus `manifest.json`.
 
     Args:
         net: the backbone (its weights are used as they are; it is put in eval()).
-        out_dir: the export directory. It is replaced whole, and only when every file passed
+        out_dir: the export directory (`<mode>.pt`, `<mode>.onnx`, `<mode>.ep.pt2`,
+            `<mode>.aoti.pt2`, manifest.json). It is replaced whole, and only when every file passed
             verification; otherwise (failure, error, SIGINT/SIGTERM, SIGKILL) what it held
             before stays exactly as it was. Another process exporting into it is refused.
         modes, formats: subsets of `RETURNT_MODES` and `FORMATS`.
@@ -184,6 +221,9 @@ def export_backbone(
         onnx_weights: "embedded" (each ONNX file self-contained) or "shared" (one
             `weights.onnx.data` that every mode's graph refers to). Models of 2 GiB of weights or
             more are always exported shared: a self-contained ONNX file cannot hold them.
+        aoti_batches: the AOTInductor packages per mode (with "aoti" in `formats`): None for
+            `<mode>.aoti.pt2` (any batch size), N for `<mode>.aoti.b<N>.pt2` (batch N only,
+            compiled for it: faster at small batches).
     Returns:
         An ExportResult; `ok` is False (and nothing was replaced) if any artifact failed.
     """
@@ -193,6 +233,11 @@ def export_backbone(
     check_opset(opset)
     if onnx_weights not in ONNX_WEIGHTS:
         raise ExportError(f"unknown --onnx-weights {onnx_weights!r}; allowed: {', '.join(ONNX_WEIGHTS)}")
+    aoti_batches = check_aoti_batches(aoti_batches)
+    if "aoti" in formats:
+        from export.aoti_export import check_compiler
+
+        check_compiler()
     problem = nonfinite_problem(net.state_dict())
     if problem:
         raise ExportError(f"the weights have {problem}: nothing to export (a diverged run?)")
@@ -200,7 +245,7 @@ def export_backbone(
     shape = check_input_shape(net, tuple(input_shape or net.input_shape))
     with DirectoryTransaction(Path(out_dir)) as tx:
         result = _write_verified_set(net, tx.staging, modes, formats, shape, opset, device, source,
-                                     preprocessing, onnx_weights)
+                                     preprocessing, onnx_weights, aoti_batches)
         if result.ok:
             tx.commit()
     result.directory = Path(out_dir)
@@ -211,7 +256,8 @@ def _write_verified_set(net: MammothBackbone, out_dir: Path, modes: Sequence[str
                         formats: Sequence[str], shape: Tuple[int, ...], opset: Optional[int],
                         device: str, source: Optional[Dict[str, Any]],
                         preprocessing: Optional[Preprocessing] = None,
-                        onnx_weights: str = "embedded") -> ExportResult:
+                        onnx_weights: str = "embedded",
+                        aoti_batches: Sequence[Optional[int]] = (None,)) -> ExportResult:
     """Write and verify every artifact and the manifest into `out_dir` (a staging directory)."""
     full_names = net.output_names()
     outputs = mode_outputs(full_names)
@@ -225,48 +271,68 @@ def _write_verified_set(net: MammothBackbone, out_dir: Path, modes: Sequence[str
     onnx_names: Dict[str, str] = {}
     opset_used = None
     onnx_info: Optional[Dict[str, Any]] = None
+    programs: Dict[str, Any] = {}  # mode -> its torch.export program (dynamic batch)
+    program_info: Dict[str, Dict[str, Any]] = {}  # file -> what the manifest says of it
+
+    def timed(key: str):
+        return _Timer(seconds, key)
+
+    if {"exported", "aoti", "onnx"} & set(formats):
+        from export.program_export import export_program
+
+        with timed("torch_export"):
+            for mode in (modes if {"exported", "aoti"} & set(formats) else []) or ["full"]:
+                programs[mode] = export_program(net, mode, shape, device, preprocess)
+            if "onnx" in formats and "full" not in programs:
+                programs["full"] = export_program(net, "full", shape, device, preprocess)
 
     if "onnx" in formats:
-        from export.onnx_export import ONNX_SINGLE_FILE_LIMIT, export_onnx, weights_bytes
+        from export.onnx_export import ONNX_SINGLE_FILE_LIMIT, export_onnx, runtime_requirements, weights_bytes
 
         if onnx_weights == "embedded" and weights_bytes(net) >= ONNX_SINGLE_FILE_LIMIT:
             onnx_weights = "shared"  # a self-contained ONNX file cannot hold 2 GiB
-        t = time.perf_counter()
-        exported = export_onnx(net, shape, opset=opset, device=device, preprocess=preprocess,
-                               weights_dir=out_dir if onnx_weights == "shared" else None)
+        with timed("onnx_export"):
+            exported = export_onnx(net, shape, opset=opset, device=device, preprocess=preprocess,
+                                   weights_dir=out_dir if onnx_weights == "shared" else None,
+                                   program=programs["full"])
         if onnx_weights == "shared":
             files[SHARED_WEIGHTS] = file_entry(out_dir / SHARED_WEIGHTS)
         onnx_names, opset_used = exported.param_names, exported.opset
-        from export.onnx_export import runtime_requirements
-
         onnx_info = runtime_requirements(exported.models["full"])
-        seconds["onnx_export"] = time.perf_counter() - t
 
-    t = time.perf_counter()
-    expected = {m: eager_outputs(net, m, inputs, device, preprocess) for m in modes}
-    seconds["eager"] = time.perf_counter() - t
+    with timed("eager"):
+        expected = {m: eager_outputs(net, m, inputs, device, preprocess) for m in modes}
+
+    def check(fmt: str, key: str, path: Path, names: List[str], ins, want) -> None:
+        with timed(f"{fmt}_verify"):
+            result = VERIFIERS[fmt](path, names, ins, want, device)
+        verification[fmt][key] = result
+        bad = [n for n, s in result.items() if not s["ok"]]
+        if bad:
+            failures.append(f"{path.name}: {', '.join(bad)} differ from eager beyond "
+                            f"{ATOL:g}*max|eager| + {RTOL:g}*|eager|")
+        files[path.name] = file_entry(path)
+
     for fmt in formats:
-        seconds.setdefault(f"{fmt}_write", 0.0)
-        seconds.setdefault(f"{fmt}_verify", 0.0)
-        verify = verify_torchscript if fmt == "torchscript" else verify_onnx
         for mode in modes:
+            if fmt == "aoti":
+                for batch in aoti_batches:
+                    _write_aoti(net, out_dir, mode, batch, programs[mode], shape, device, preprocess,
+                                program_info, timed, check, outputs[mode], baked)
+                continue
             path = out_dir / artifact_name(mode, fmt)
-            t = time.perf_counter()
-            with atomic_path(path) as tmp:
+            with timed(f"{fmt}_write"), atomic_path(path) as tmp:
                 if fmt == "torchscript":
                     save_torchscript(script_head(net, mode, preprocess), tmp)
-                else:
+                elif fmt == "onnx":
                     tmp.write_bytes(exported.models[mode].SerializeToString())
-            t_write = time.perf_counter()
-            result = verify(path, outputs[mode], inputs, expected[mode], device)
-            verification[fmt][mode] = result
-            seconds[f"{fmt}_write"] += t_write - t
-            seconds[f"{fmt}_verify"] += time.perf_counter() - t_write
-            bad = [n for n, s in result.items() if not s["ok"]]
-            if bad:
-                failures.append(f"{path.name}: {', '.join(bad)} differ from eager beyond "
-                                f"{ATOL:g}*max|eager| + {RTOL:g}*|eager|")
-            files[path.name] = file_entry(path)
+                else:
+                    from export.program_export import dynamic_dims, program_bytes
+
+                    tmp.write_bytes(program_bytes(programs[mode]))
+                    program_info[path.name] = {"format": fmt, "mode": mode, "batch": None,
+                                               "dynamic": dynamic_dims(net)}
+            check(fmt, mode, path, outputs[mode], inputs, expected[mode])
 
     entries = _output_entries(net, shape, device)
     manifest = {
@@ -281,6 +347,7 @@ def _write_verified_set(net: MammothBackbone, out_dir: Path, modes: Sequence[str
         "modes": {m: {"outputs": [entries[n] for n in outputs[m]]} for m in modes},
         "formats": list(formats),
         "files": dict(sorted(files.items())),
+        "programs": dict(sorted(program_info.items())),
         "opset": opset_used,
         "onnx": onnx_info,
         "onnx_weights": onnx_weights if "onnx" in formats else None,
@@ -296,6 +363,43 @@ def _write_verified_set(net: MammothBackbone, out_dir: Path, modes: Sequence[str
     }
     write_manifest(out_dir, manifest)
     return ExportResult(out_dir, manifest, failures)
+
+
+class _Timer:
+    """Adds the seconds of a `with` block to `seconds[key]`."""
+
+    def __init__(self, seconds: Dict[str, float], key: str) -> None:
+        self.seconds, self.key = seconds, key
+
+    def __enter__(self) -> None:
+        self.start = time.perf_counter()
+
+    def __exit__(self, *exc) -> None:
+        self.seconds[self.key] = self.seconds.get(self.key, 0.0) + time.perf_counter() - self.start
+
+
+def _write_aoti(net, out_dir: Path, mode: str, batch: Optional[int], program, shape, device: str,
+                preprocess, program_info, timed, check, names: List[str], baked: bool) -> None:
+    """Compile one AOTInductor package of `mode` (any batch, or `batch` only) and verify it at
+    batch sizes it was not traced with (a fixed-batch package: at its own batch)."""
+    from export.aoti_export import compile_package, replaceable_weights
+    from export.program_export import dynamic_dims, export_program
+
+    path = out_dir / aoti_name(mode, batch)
+    if batch is not None:
+        with timed("torch_export"):
+            program = export_program(net, mode, shape, device, preprocess, batch=batch)
+    with timed("aoti_compile"):
+        data, info = compile_package(program, {"returnt": mode, "batch": str(batch or "dynamic")})
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+    program_info[path.name] = {"format": "aoti", "mode": mode, "batch": batch,
+                               "dynamic": dynamic_dims(net, batch), **info,
+                               "weights_replaceable": replaceable_weights(program, data)}
+    ins = sample_inputs(shape, images=baked) if batch is None else sample_inputs(shape, images=baked,
+                                                                                 batches=(batch,))
+    want = eager_outputs(net, mode, ins, device, preprocess)
+    check("aoti", path.name, path, names, ins, want)
 
 
 def _output_entries(net: MammothBackbone, input_shape: Tuple[int, ...], device: str) -> Dict[str, Dict[str, Any]]:

@@ -23,3 +23,7 @@ class LockedError(ExportError):
 
 class DiskFullError(ExportError, OSError):
     """No space left on the device while writing an artifact."""
+
+
+class ParamsError(ExportError, ValueError):
+    """A file or flat parameter vector that does not fit the manifest's parameter layout."""

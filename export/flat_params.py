@@ -17,27 +17,15 @@ from onnx import numpy_helper
 from torch import Tensor
 
 from export.atomic import atomic_path
-from export.errors import ExportError
-from export.manifest import MANIFEST, layout_problem, read_manifest
-from zoo.base import check_flat_vector
-
-
-class OnnxParamsError(ExportError, ValueError):
-    """An ONNX file (or vector) that does not fit the manifest's parameter layout."""
+from export.errors import ExportError, ParamsError
+from export.flat_vector import check_params_vector, checked_layout
+from export.manifest import MANIFEST, read_manifest
 
 
 def layout_for(path: Path, manifest: Optional[Dict[str, Any]] = None) -> List[Dict[str, Any]]:
-    """The flat-parameter layout: from `manifest`, else the manifest.json beside `path`."""
+    """The ONNX flat-parameter layout: from `manifest`, else the manifest.json beside `path`."""
     manifest = manifest if manifest is not None else read_manifest(Path(path).parent)
-    flat = manifest.get("flat_params", {})
-    layout = flat.get("layout")
-    if not layout or any("onnx_name" not in e for e in layout):
-        raise OnnxParamsError(f"{path}: the manifest has no ONNX parameter layout "
-                              "(export with --formats including onnx)")
-    problem = layout_problem(layout, flat.get("count"))
-    if problem:
-        raise OnnxParamsError(f"{path}: the manifest's parameter layout is inconsistent: {problem}")
-    return layout
+    return checked_layout(manifest, path, onnx=True)
 
 
 def model_from_bytes(data: bytes, path: Path) -> onnx.ModelProto:
@@ -50,7 +38,7 @@ def load_onnx(path: Path) -> onnx.ModelProto:
     foreign file."""
     path = Path(path)
     if not path.is_file():
-        raise OnnxParamsError(f"{path}: no such file")
+        raise ParamsError(f"{path}: no such file")
     return _parsed(path, lambda: onnx.load(str(path)))
 
 
@@ -58,9 +46,9 @@ def _parsed(path: Path, parse) -> onnx.ModelProto:
     try:
         model = parse()
     except Exception as exc:  # protobuf DecodeError and friends
-        raise OnnxParamsError(f"{path}: not an ONNX model ({type(exc).__name__})") from None
+        raise ParamsError(f"{path}: not an ONNX model ({type(exc).__name__})") from None
     if not model.graph.node and not model.graph.initializer:
-        raise OnnxParamsError(f"{path}: not an ONNX model (empty graph)")
+        raise ParamsError(f"{path}: not an ONNX model (empty graph)")
     return model
 
 
@@ -68,12 +56,12 @@ def _initializers(model: onnx.ModelProto, layout, path) -> Dict[str, onnx.Tensor
     inits = {t.name: t for t in model.graph.initializer}
     missing = [e["onnx_name"] for e in layout if e["onnx_name"] not in inits]
     if missing:
-        raise OnnxParamsError(f"{path}: initializers do not match the manifest: missing "
+        raise ParamsError(f"{path}: initializers do not match the manifest: missing "
                               f"{', '.join(missing[:5])}" + (" ..." if len(missing) > 5 else ""))
     bad = [f"{e['onnx_name']} {list(inits[e['onnx_name']].dims)} != {e['shape']}" for e in layout
            if list(inits[e["onnx_name"]].dims) != list(e["shape"])]
     if bad:
-        raise OnnxParamsError(f"{path}: initializers do not match the manifest: shape of "
+        raise ParamsError(f"{path}: initializers do not match the manifest: shape of "
                               + "; ".join(bad[:3]))
     return inits
 
@@ -93,19 +81,6 @@ def read_onnx_params(path: Path, manifest: Optional[Dict[str, Any]] = None) -> T
         manifest: its export's manifest (default: the manifest.json beside `path`).
     """
     return params_of_model(load_onnx(path), layout_for(path, manifest), path)
-
-
-def check_params_vector(vector: Tensor, layout, allow_nonfinite: bool = False) -> None:
-    """A 1-D float32 vector of the layout's length, finite unless `allow_nonfinite`."""
-    total = sum(e["length"] for e in layout)
-    try:
-        check_flat_vector(vector, total, torch.float32, "set_params")
-    except ValueError as exc:
-        raise OnnxParamsError(str(exc)) from None
-    if not allow_nonfinite and not bool(torch.isfinite(vector).all()):
-        bad = int((~torch.isfinite(vector)).sum())
-        raise OnnxParamsError(f"set_params: vector has {bad} NaN/inf values; pass allow_nonfinite=True "
-                              "(--allow-nonfinite) to write them anyway")
 
 
 def set_model_params(model: onnx.ModelProto, vector: Tensor, layout, path="model",
@@ -132,14 +107,14 @@ def refuse_export_file(out: Path) -> None:
     if not manifest_path.is_file():
         return
     if out.name == MANIFEST:
-        raise OnnxParamsError(f"{out}: refusing to overwrite an export's {MANIFEST}; write to "
+        raise ParamsError(f"{out}: refusing to overwrite an export's {MANIFEST}; write to "
                               "a new file outside the export directory")
     try:
         listed = read_manifest(out.parent)["files"]
     except ExportError:
         listed = {}
     if out.name in listed:
-        raise OnnxParamsError(f"{out}: refusing to overwrite an exported artifact (its sha256 is "
+        raise ParamsError(f"{out}: refusing to overwrite an exported artifact (its sha256 is "
                               f"in {MANIFEST}); write to a new file")
 
 
@@ -151,7 +126,7 @@ def write_onnx_params(path: Path, vector: Tensor, out: Path,
     model = load_onnx(path)
     layout = layout_for(path, manifest)
     if out.resolve() == path.resolve():
-        raise OnnxParamsError(f"{out}: write to a new file; overwriting an exported artifact would "
+        raise ParamsError(f"{out}: write to a new file; overwriting an exported artifact would "
                               "break its sha256 in the manifest")
     refuse_export_file(out)
     external = any(t.data_location == onnx.TensorProto.EXTERNAL
@@ -194,7 +169,7 @@ def rewrite_shared_params(directory: Path, vector: Tensor, allow_nonfinite: bool
         staging = tx.staging
         manifest = read_manifest(staging)
         if manifest.get("onnx_weights") != "shared":
-            raise OnnxParamsError(f"{directory}: its ONNX files hold their own weights (exported "
+            raise ParamsError(f"{directory}: its ONNX files hold their own weights (exported "
                                   "without --onnx-weights shared); write a new file with --out")
         check_files(staging, manifest)
         layout = layout_for(staging, manifest)
@@ -210,7 +185,7 @@ def rewrite_shared_params(directory: Path, vector: Tensor, allow_nonfinite: bool
             place = where.get(e["onnx_name"])
             chunk = values[e["offset"]:e["offset"] + e["length"]].tobytes()
             if place is None or int(place.get("length", -1)) != len(chunk):
-                raise OnnxParamsError(f"{graph}: {e['onnx_name']} is not where the layout expects it "
+                raise ParamsError(f"{graph}: {e['onnx_name']} is not where the layout expects it "
                                       f"in {SHARED_WEIGHTS}")
             start = int(place.get("offset", 0))
             data[start:start + len(chunk)] = chunk

@@ -18,12 +18,19 @@ MANIFEST = "manifest.json"
 #: the one external-data file every mode's ONNX graph reads its parameters from (--onnx-weights shared)
 SHARED_WEIGHTS = "weights.onnx.data"
 #: file name of each kind of artifact, after the mode: `out.pt`, `full.onnx`, `out.int8.onnx`
-ARTIFACT_SUFFIX = {"torchscript": ".pt", "onnx": ".onnx", "int8": ".int8.onnx"}
+ARTIFACT_SUFFIX = {"torchscript": ".pt", "onnx": ".onnx", "int8": ".int8.onnx", "exported": ".ep.pt2",
+                   "aoti": ".aoti.pt2"}
 
 
 def artifact_name(mode: str, kind: str) -> str:
-    """The file name of `mode`'s artifact of `kind` (torchscript, onnx, int8)."""
+    """The file name of `mode`'s artifact of `kind` (torchscript, onnx, int8, exported, aoti)."""
     return mode + ARTIFACT_SUFFIX[kind]
+
+
+def aoti_name(mode: str, batch: Optional[int]) -> str:
+    """`out.aoti.pt2` (any batch size) or `out.aoti.b64.pt2` (compiled for batch 64 only)."""
+    return artifact_name(mode, "aoti") if batch is None else f"{mode}.aoti.b{batch}.pt2"
+
 #: top-level keys every manifest this tool writes has, with their JSON types
 REQUIRED_KEYS = {"backbone": dict, "input": dict, "modes": dict, "files": dict,
                  "flat_params": dict}
@@ -59,10 +66,16 @@ def versions() -> Dict[str, str]:
 
 
 def param_layout(net: MammothBackbone, onnx_names: Dict[str, str]) -> List[Dict[str, Any]]:
-    """name, shape, offset, length in eager parameters() order (+ the ONNX initializer name)."""
+    """name, shape, offset, length in eager parameters() order, the names the parameter has in
+    torch.export programs and AOTInductor packages (`program_names`) and the ONNX initializer
+    that holds it (`onnx_name`)."""
+    from export.program_export import parameter_aliases
+
+    aliases = parameter_aliases(net)
     layout, offset = [], 0
     for name, p in net.named_parameters():
-        entry = {"name": name, "shape": list(p.shape), "offset": offset, "length": p.numel()}
+        entry = {"name": name, "shape": list(p.shape), "offset": offset, "length": p.numel(),
+                 "program_names": aliases[name]}
         if name in onnx_names:
             entry["onnx_name"] = onnx_names[name]
         layout.append(entry)

@@ -23,8 +23,9 @@ from onnxscript import optimizer
 
 from export.errors import ExportError
 from export.manifest import SHARED_WEIGHTS
+from export.program_export import export_program, parameter_aliases
 from zoo.base import MammothBackbone, backbone_name, mode_outputs
-from zoo.heads import BACKBONE_PREFIX, make_head
+from zoo.heads import BACKBONE_PREFIX
 
 __all__ = ["OnnxExport", "export_onnx", "mode_outputs", "MIN_OPSET", "max_opset"]
 
@@ -70,14 +71,6 @@ class OnnxExport:
     opset: int
 
 
-def _dynamic_shapes(net: MammothBackbone) -> dict:
-    dims = {0: torch.export.Dim("batch", min=1, max=4096)}
-    if getattr(net, "dynamic_hw", False):
-        dims[2] = torch.export.Dim.AUTO
-        dims[3] = torch.export.Dim.AUTO
-    return {"x": dims}
-
-
 def _rename_outputs(graph: ir.Graph, names: List[str]) -> None:
     """Give output i the name names[i]; an output that is also another output (an MLP's last
     hidden layer is its features) gets its own Identity so each name exists once."""
@@ -114,21 +107,13 @@ def _keep_parameters_as_is(param_names: set):
     return should_fold
 
 
-def _parameter_aliases(net: MammothBackbone, prefix: str) -> Dict[str, List[str]]:
-    """Eager name (first, as parameters() sees it) -> every name the parameter has."""
-    by_id: Dict[int, List[str]] = {}
-    for name, p in net.named_parameters(remove_duplicate=False):
-        by_id.setdefault(id(p), []).append(prefix + name)
-    return {names[0][len(prefix):]: names for names in by_id.values()}
-
-
 def _keep_all_parameters(model: ir.Model, net: MammothBackbone, prefix: str) -> Dict[str, str]:
     """Map every parameter to its initializer; add the ones the graph does not use (resnet32's
     `bn_final`, a head's unused classifier) so the file holds the whole flat vector."""
     inits = model.graph.initializers
     mapping: Dict[str, str] = {}
     params = dict(net.named_parameters())
-    for name, aliases in _parameter_aliases(net, prefix).items():
+    for name, aliases in parameter_aliases(net, prefix).items():
         found = next((a for a in aliases if a in inits), None)
         if found is None:
             found = prefix + name
@@ -148,8 +133,12 @@ def _keep_all_parameters(model: ir.Model, net: MammothBackbone, prefix: str) -> 
 
 def export_onnx(net: MammothBackbone, input_shape: Tuple[int, ...], opset: Optional[int] = None,
                 device: str = "cpu", preprocess: Optional[torch.nn.Module] = None,
-                weights_dir: Optional[Path] = None) -> OnnxExport:
+                weights_dir: Optional[Path] = None,
+                program: Optional[torch.export.ExportedProgram] = None) -> OnnxExport:
     """Export `net` (in eval) once and derive the four mode graphs.
+
+    `program` is the `'full'` head's torch.export program when the caller has it already (the
+    `exported` format): the ONNX exporter translates it instead of tracing the network again.
 
     With `weights_dir`, every parameter goes into `weights_dir/weights.onnx.data` (written
     here) and every mode's graph refers to it (ONNX external data), so the weights are stored
@@ -159,19 +148,18 @@ def export_onnx(net: MammothBackbone, input_shape: Tuple[int, ...], opset: Optio
     if size >= ONNX_SINGLE_FILE_LIMIT and weights_dir is None:
         raise ExportError(f"{backbone_name(net)}: {size / 2**30:.1f} GiB of weights; self-contained "
                           "ONNX files stop at 2 GiB: use shared weights (--onnx-weights shared)")
-    head = make_head(net, "full", preprocess)
-    example = torch.randn(2, *input_shape, device=device)
+    if program is None:
+        program = export_program(net, "full", input_shape, device, preprocess)
     full_names = net.output_names()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # exporter chatter (deprecations inside torch.export)
-        program = torch.onnx.export(
-            head, (example,), None, dynamo=True, optimize=False, opset_version=opset,
-            input_names=["x"], output_names=full_names, dynamic_shapes=_dynamic_shapes(net),
-            verbose=False, report=False,
+        onnx_program = torch.onnx.export(
+            program, (), None, dynamo=True, optimize=False, opset_version=opset,
+            input_names=["x"], output_names=full_names, verbose=False, report=False,
         )
-    model = program.model
+    model = onnx_program.model
     prefix = BACKBONE_PREFIX
-    param_names = {a for aliases in _parameter_aliases(net, prefix).values() for a in aliases}
+    param_names = {a for aliases in parameter_aliases(net, prefix).values() for a in aliases}
     consumed = _consumed(model) & param_names
     optimizer.fold_constants(model, should_fold=_keep_parameters_as_is(param_names))
     optimizer.remove_unused_nodes(model)

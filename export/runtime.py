@@ -1,31 +1,72 @@
-"""`OnnxBackbone`: an exported directory in onnxruntime, called like the eager backbone.
+"""Exported directories as backbones: `load(DIR, engine=..., precision=...)` returns an object
+called like the eager backbone, whatever runs underneath.
 
-    from export.runtime import OnnxBackbone
-    net = OnnxBackbone("artifacts/resnet")
+    from export.runtime import load
+    net = load("artifacts/resnet")                       # onnxruntime, fp32
+    net = load("artifacts/resnet", engine="aoti")        # AOTInductor packages (--formats aoti)
     logits = net(x)                              # numpy in -> numpy out, torch in -> torch out
     logits, feats = net(x, returnt="both")
     outs = net(x, returnt="full")                # [stage_0..stage_k, features, logits]
+    net.set_params(v)                            # eager get_params() order, no re-export
 
-One `InferenceSession` per mode, created on first use. `set_params(v)` rebuilds the sessions
-from the ONNX models with the new flat vector, in memory (no file written, no re-export).
-Every file is checked against the manifest's sha256 before use (construction checks the whole
-set, so a changed, corrupt or mixed directory is refused at once; each session is then made
-from the very bytes that were hashed). Hashing costs about 0.05 s per 45 MB file.
+Every engine checks each file against the manifest's sha256 before using it (construction
+checks the whole set, so a changed, corrupt or mixed directory is refused at once; sessions and
+modules are then made from the very bytes that were hashed; about 0.05 s per 45 MB file).
+
+`OnnxBackbone` (the onnxruntime engine): one `InferenceSession` per mode, created on first use;
+`set_params(v)` rebuilds the sessions from the ONNX models with the new vector, in memory.
 """
 
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-from export.errors import ManifestError
-from export.manifest import SHARED_WEIGHTS, artifact_name, check_files, read_manifest, read_verified
+from export.errors import ExportError
+from export.manifest import SHARED_WEIGHTS, artifact_name
+from export.runtime_base import RuntimeBackbone
 from export.verify import OPTIMIZATION_LEVELS, ort_session
-from zoo.base import RETURNT_MODES, check_returnt, pack_outputs
+from zoo.base import RETURNT_MODES
+
+#: engine -> the precisions it runs
+ENGINES: Dict[str, Tuple[str, ...]] = {
+    "onnxruntime": ("fp32",),
+    "torchscript": ("fp32",),
+    "exported": ("fp32",),
+    "aoti": ("fp32",),
+}
 
 
-class OnnxBackbone:
+def load(directory: Union[str, Path], engine: str = "onnxruntime", precision: str = "fp32",
+         threads: Optional[int] = None, device: str = "cpu", verify_hashes: bool = True) -> RuntimeBackbone:
+    """An export directory as a backbone with the `returnt` API, run by `engine`.
+
+    Args:
+        directory: an export directory (manifest.json and the engine's files).
+        engine: onnxruntime (`<mode>.onnx`), torchscript (`<mode>.pt`), exported
+            (`<mode>.ep.pt2` through `torch.export.load(...).module()`) or aoti
+            (`<mode>.aoti.pt2` / `<mode>.aoti.b<N>.pt2`, compiled C++).
+        precision: fp32.
+        threads: intra-op threads (None: torch's thread count).
+        device: cpu or cuda.
+        verify_hashes: check every file against the manifest's sha256 first.
+    """
+    if engine not in ENGINES:
+        raise ExportError(f"unknown engine {engine!r}; allowed: {', '.join(ENGINES)}")
+    if precision not in ENGINES[engine]:
+        pairs = ", ".join(f"{e}+{p}" for e, ps in ENGINES.items() for p in ps)
+        raise ExportError(f"engine {engine!r} has no precision {precision!r}; the pairs that exist: {pairs}")
+    if engine == "onnxruntime":
+        return OnnxBackbone(directory, threads=threads, device=device, verify_hashes=verify_hashes)
+    from export.torch_runtime import TORCH_ENGINES
+
+    return TORCH_ENGINES[engine](directory, threads=threads, device=device, verify_hashes=verify_hashes)
+
+
+class OnnxBackbone(RuntimeBackbone):
     """The `net(x, returnt=...)` API over the ONNX files of one export directory."""
+
+    engine = "onnxruntime"
 
     def __init__(self, directory: Union[str, Path], threads: Optional[int] = None,
                  optimization: str = "all", providers: Optional[Sequence[str]] = None,
@@ -43,42 +84,25 @@ class OnnxBackbone:
             verify_hashes: check every file against the manifest's sha256 before using it.
                 Turn off only for files you know are the ones the manifest describes.
         """
-        self.directory = Path(directory)
-        self.manifest: Dict[str, Any] = read_manifest(self.directory)
+        super().__init__(directory, verify_hashes)
         if optimization not in OPTIMIZATION_LEVELS:
             raise ValueError(f"unknown optimization {optimization!r}; allowed: "
                              f"{', '.join(OPTIMIZATION_LEVELS)}")
-        self.modes = [m for m in RETURNT_MODES if artifact_name(m, "onnx") in self.manifest["files"]]
-        if not self.modes:
-            raise ManifestError(f"{self.directory}: the manifest lists no ONNX file")
-        self.verify_hashes = verify_hashes
+        self._require([m for m in RETURNT_MODES if artifact_name(m, "onnx") in self.manifest["files"]],
+                      "ONNX file", "export with --formats including onnx")
         # shared weights: the graphs read one external-data file, resolved beside them on disk
         self.shared_weights = self.manifest.get("onnx_weights") == "shared"
-        if verify_hashes:
-            check_files(self.directory, self.manifest, [artifact_name(m, "onnx") for m in self.modes]
-                        + ([SHARED_WEIGHTS] if self.shared_weights else []))
-        spec = self.manifest["input"]
-        self.input_shape = tuple(spec["shape"][1:])
-        self.dynamic_hw = "height" in spec.get("dynamic", [])
+        self._check_files([artifact_name(m, "onnx") for m in self.modes]
+                          + ([SHARED_WEIGHTS] if self.shared_weights else []))
         self.session_args = {"threads": threads, "optimization": optimization, "device": device,
                              "providers": providers, "log_level": log_level}
         self._sessions: Dict[str, Any] = {}
         self._params = None  # a flat vector set with set_params, else the files' own
         self._allow_nonfinite = False
 
-    def __repr__(self) -> str:
-        return (f"OnnxBackbone({str(self.directory)!r}, backbone={self.manifest['backbone']['name']!r}, "
-                f"modes={self.modes})")
-
-    def output_names(self, mode: str) -> List[str]:
-        return [o["name"] for o in self.manifest["modes"][mode]["outputs"]]
-
     def session(self, mode: str):
         """The (lazily created) onnxruntime session of `mode`."""
-        check_returnt(mode)
-        if mode not in self.modes:
-            raise ValueError(f"mode {mode!r} was not exported in {self.directory}; "
-                             f"available: {', '.join(self.modes)}")
+        self._check_mode(mode)
         if mode not in self._sessions:
             path = self.directory / artifact_name(mode, "onnx")
             if self._params is not None:
@@ -94,47 +118,14 @@ class OnnxBackbone:
             self._sessions[mode] = ort_session(source, **self.session_args)
         return self._sessions[mode]
 
-    def _prepare(self, x: Any) -> np.ndarray:
-        """Validate against the manifest; non-contiguous or float16/64 input is converted."""
-        if hasattr(x, "detach") and hasattr(x, "cpu"):
-            x = x.detach().cpu().numpy()
-        if not isinstance(x, np.ndarray):
-            raise TypeError(f"input must be a numpy array or torch tensor, got {type(x).__name__}")
-        expected = "x".join(map(str, self.input_shape))
-        if not np.issubdtype(x.dtype, np.floating):
-            raise TypeError(f"input dtype {x.dtype} is not floating point; expected float32 "
-                            f"images of shape [batch, {expected}]")
-        if x.ndim != len(self.input_shape) + 1:
-            raise ValueError(f"input of shape {list(x.shape)} has rank {x.ndim}; expected "
-                             f"[batch, {expected}]")
-        fixed = self.input_shape[:1] if self.dynamic_hw else self.input_shape
-        if tuple(x.shape[1:1 + len(fixed)]) != tuple(fixed) or x.shape[0] < 1:
-            raise ValueError(f"input of shape {list(x.shape)} does not fit; expected [batch, "
-                             f"{expected}]" + (" (H, W free)" if self.dynamic_hw else ""))
-        return np.ascontiguousarray(x, dtype=np.float32)
-
-    def __call__(self, x: Any, returnt: str = "out"):
-        check_returnt(returnt)
-        is_torch = hasattr(x, "detach")
-        outs = self.session(returnt).run(self.output_names(returnt), {"x": self._prepare(x)})
-        if is_torch:
-            import torch
-
-            device = x.device
-            outs = [torch.from_numpy(o).to(device) for o in outs]
-        return pack_outputs(returnt, outs)
-
-    forward = __call__
+    def _run(self, mode: str, x: np.ndarray) -> List[Any]:
+        return self.session(mode).run(self.output_names(mode), {"x": x})
 
     def _layout(self):
-        """The manifest's flat-parameter layout, checked to tile the vector."""
+        """The manifest's ONNX flat-parameter layout, checked to tile the vector."""
         from export.flat_params import layout_for
 
         return layout_for(self.directory, self.manifest)
-
-    def _verified_bytes(self, name: str) -> bytes:
-        return (read_verified(self.directory, self.manifest, name) if self.verify_hashes
-                else (self.directory / name).read_bytes())
 
     def _model(self, mode: str):
         """The ONNX model of `mode` with its weights (external data loaded from beside it)."""

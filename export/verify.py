@@ -1,7 +1,7 @@
 """Eager vs exported: load each artifact in a fresh runtime and compare every output."""
 
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
@@ -27,12 +27,13 @@ def as_list(out) -> List[torch.Tensor]:
     return [out] if isinstance(out, torch.Tensor) else list(out)
 
 
-def sample_inputs(input_shape: Sequence[int], seed: int = 0, images: bool = False) -> List[torch.Tensor]:
+def sample_inputs(input_shape: Sequence[int], seed: int = 0, images: bool = False,
+                  batches: Sequence[int] = BATCHES) -> List[torch.Tensor]:
     """Seeded inputs at every verification batch size: N(0,1) (what normalised images look
     like), or uniform [0, 1] images for graphs that normalise their input themselves."""
     gen = torch.Generator().manual_seed(seed)
     draw = torch.rand if images else torch.randn
-    return [draw(b, *input_shape, generator=gen) for b in BATCHES]
+    return [draw(b, *input_shape, generator=gen) for b in batches]
 
 
 def error_stats(got: np.ndarray, want: np.ndarray) -> Dict[str, Any]:
@@ -75,15 +76,36 @@ def _apply(preprocess: Optional[torch.nn.Module], x: torch.Tensor) -> torch.Tens
     return x if preprocess is None else preprocess.to(x.device)(x)
 
 
-def verify_torchscript(path: Path, names: List[str], inputs, expected, device: str) -> Dict[str, dict]:
-    module = load_torchscript(path, device)
+def compare(run: Callable[[torch.Tensor], Sequence[Any]], names: List[str], inputs, expected) -> Dict[str, dict]:
+    """Run every input through `run` (outputs in `names` order) and compare with `expected`."""
     per_output: Dict[str, list] = {n: [] for n in names}
     with torch.no_grad():
         for x, want in zip(inputs, expected):
-            got = as_list(module(x.to(device)))
+            got = [g.detach().cpu().numpy() if isinstance(g, torch.Tensor) else g for g in as_list(run(x))]
             for name, g, w in zip(names, got, want):
-                per_output[name].append(error_stats(g.cpu().numpy(), w))
+                per_output[name].append(error_stats(g, w))
     return {n: merge(s) for n, s in per_output.items()}
+
+
+def verify_torchscript(path: Path, names: List[str], inputs, expected, device: str) -> Dict[str, dict]:
+    module = load_torchscript(path, device)
+    return compare(lambda x: module(x.to(device)), names, inputs, expected)
+
+
+def verify_program(path: Path, names: List[str], inputs, expected, device: str) -> Dict[str, dict]:
+    """A torch.export program as users load it: `torch.export.load(path).module()`."""
+    from export.program_export import load_program
+
+    module = load_program(path).module()
+    return compare(lambda x: module(x.to(device)), names, inputs, expected)
+
+
+def verify_aoti(path: Path, names: List[str], inputs, expected, device: str) -> Dict[str, dict]:
+    """An AOTInductor package as users load it: `torch._inductor.aoti_load_package(path)`."""
+    from export.aoti_export import load_package
+
+    model = load_package(path, path.name)
+    return compare(lambda x: model(x.to(device)), names, inputs, expected)
 
 
 def ort_providers(device: str) -> List[str]:
@@ -131,9 +153,9 @@ def ort_session(source, device: str = "cpu", threads: Optional[int] = None, opti
 
 def verify_onnx(path: Path, names: List[str], inputs, expected, device: str) -> Dict[str, dict]:
     session = ort_session(path, device)
-    per_output: Dict[str, list] = {n: [] for n in names}
-    for x, want in zip(inputs, expected):
-        got = session.run(names, {"x": x.numpy()})
-        for name, g, w in zip(names, got, want):
-            per_output[name].append(error_stats(g, w))
-    return {n: merge(s) for n, s in per_output.items()}
+    return compare(lambda x: session.run(names, {"x": x.numpy()}), names, inputs, expected)
+
+
+#: how each format's file is loaded and compared with eager
+VERIFIERS = {"torchscript": verify_torchscript, "onnx": verify_onnx, "exported": verify_program,
+             "aoti": verify_aoti}

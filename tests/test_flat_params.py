@@ -7,7 +7,7 @@ import onnx
 import pytest
 import torch
 
-from export.flat_params import OnnxParamsError, read_onnx_params, write_onnx_params
+from export.flat_params import ParamsError, read_onnx_params, write_onnx_params
 from export.manifest import read_manifest
 from export.verify import as_list, load_torchscript, ort_session
 from tests.conftest import assert_within_bound, backbone_params
@@ -117,24 +117,24 @@ def test_bad_vectors_and_files(name, export, tmp_path):
     assert not (tmp_path / "o.onnx").exists()
     out = write_onnx_params(src, nan, tmp_path / "o.onnx", manifest=result.manifest, allow_nonfinite=True)
     assert torch.isnan(read_onnx_params(out, result.manifest)[3])
-    with pytest.raises(OnnxParamsError, match="write to a new file"):
+    with pytest.raises(ParamsError, match="write to a new file"):
         write_onnx_params(src, net.get_params(), src)
     not_onnx = tmp_path / "x.onnx"
     not_onnx.write_bytes(b"\x00garbage" * 10)
-    with pytest.raises(OnnxParamsError, match="not an ONNX model"):
+    with pytest.raises(ParamsError, match="not an ONNX model"):
         read_onnx_params(not_onnx, result.manifest)
     manifest = read_manifest(result.directory)
     manifest["flat_params"]["layout"][0]["shape"] = [784, 32]  # same length, other shape
-    with pytest.raises(OnnxParamsError,
+    with pytest.raises(ParamsError,
                        match=r"do not match the manifest: shape of backbone\.\S+ \[32, 784\] != \[784, 32\]"):
         read_onnx_params(src, manifest)
     manifest["flat_params"]["layout"][0]["shape"] = [1, 2]
-    with pytest.raises(OnnxParamsError,
+    with pytest.raises(ParamsError,
                        match=r"layout is inconsistent: fc1.weight: length 25088 != product of shape \[1, 2\]"):
         read_onnx_params(src, manifest)
     manifest["flat_params"]["layout"][0]["shape"] = [32, 784]
     manifest["flat_params"]["layout"][0]["onnx_name"] = "nope"
-    with pytest.raises(OnnxParamsError, match="missing nope"):
+    with pytest.raises(ParamsError, match="missing nope"):
         read_onnx_params(src, manifest)
 
 

@@ -1,0 +1,143 @@
+"""torch.export programs: `<mode>.ep.pt2`, the input of AOTInductor, ExecuTorch and the ONNX
+exporter, loadable without the zoo (`torch.export.load(path).module()`).
+
+One `torch.export.export` per mode of the fixed head, with a dynamic batch dimension (and
+dynamic H and W where the backbone takes any size). The `'full'` program is also what the ONNX
+exporter translates, so exporting both formats traces the network once per mode, not twice.
+"""
+
+import io
+import warnings
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Tuple, Union
+
+import torch
+from torch import Tensor
+
+from export.errors import ParamsError
+from export.flat_vector import check_params_vector
+from zoo.base import MammothBackbone
+from zoo.heads import BACKBONE_PREFIX, make_head
+
+#: the largest batch a dynamic-batch program accepts (its range is recorded in the manifest)
+MAX_BATCH = 4096
+#: the batch of the example input a program is traced with (verification uses other sizes)
+EXAMPLE_BATCH = 2
+
+
+def dynamic_shapes(net: MammothBackbone, batch: Optional[int] = None) -> Dict[str, Dict[int, Any]]:
+    """The input's dynamic dimensions: batch (unless `batch` fixes it) and, for backbones that
+    take any H and W, height and width (Dim.AUTO: kept dynamic only where the graph allows)."""
+    dims: Dict[int, Any] = {} if batch is not None else {0: torch.export.Dim("batch", min=1, max=MAX_BATCH)}
+    if getattr(net, "dynamic_hw", False):
+        dims[2] = torch.export.Dim.AUTO
+        dims[3] = torch.export.Dim.AUTO
+    return {"x": dims}
+
+
+def dynamic_dims(net: MammothBackbone, batch: Optional[int] = None) -> List[str]:
+    """Names of the input dimensions a program of `net` leaves free (for the manifest)."""
+    names = [] if batch is not None else ["batch"]
+    return names + (["height", "width"] if getattr(net, "dynamic_hw", False) else [])
+
+
+def export_program(net: MammothBackbone, mode: str, input_shape: Tuple[int, ...], device: str = "cpu",
+                   preprocess: Optional[torch.nn.Module] = None,
+                   batch: Optional[int] = None) -> torch.export.ExportedProgram:
+    """`torch.export.export` of `mode`'s head (eval). With `batch`, that batch size is fixed
+    (what AOTInductor compiles fastest code for); otherwise it is dynamic, 1..MAX_BATCH."""
+    head = make_head(net, mode, preprocess)
+    example = torch.randn(batch or EXAMPLE_BATCH, *input_shape, device=device)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # deprecation chatter from inside torch.export
+        return torch.export.export(head, (example,), dynamic_shapes=dynamic_shapes(net, batch),
+                                   strict=False)
+
+
+def program_bytes(program: torch.export.ExportedProgram) -> bytes:
+    """`torch.export.save` into memory (the archive is byte-reproducible for one program)."""
+    buffer = io.BytesIO()
+    torch.export.save(program, buffer)
+    return buffer.getvalue()
+
+
+def load_program(source: Union[Path, bytes]) -> torch.export.ExportedProgram:
+    """`torch.export.load` of a path or of bytes already checked against the manifest, with a
+    one-line error for a file that is not a saved program."""
+    data = source if isinstance(source, bytes) else Path(source).read_bytes()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return torch.export.load(io.BytesIO(data))
+    except Exception as exc:  # zipfile, pickle and schema errors alike
+        where = "the given bytes" if isinstance(source, bytes) else str(source)
+        raise ParamsError(f"{where}: not a torch.export program ({type(exc).__name__}: "
+                                 f"{str(exc).splitlines()[0][:100] if str(exc) else ''})") from None
+
+
+def parameter_aliases(net: torch.nn.Module, prefix: str = BACKBONE_PREFIX) -> Dict[str, List[str]]:
+    """Eager parameter name (as `parameters()` names it) -> every name it has under `prefix`
+    (a module reachable twice, e.g. an MLP's `fc1` that is also `net.0.0`, has several; a
+    program or package may use any of them)."""
+    by_id: Dict[int, List[str]] = {}
+    for name, p in net.named_parameters(remove_duplicate=False):
+        by_id.setdefault(id(p), []).append(prefix + name)
+    return {names[0][len(prefix):]: names for names in by_id.values()}
+
+
+def layout_names(entry: Dict[str, Any]) -> List[str]:
+    """The names a layout entry's parameter has in programs and packages."""
+    return list(entry.get("program_names") or [BACKBONE_PREFIX + entry["name"]])
+
+
+def used_parameters(program: torch.export.ExportedProgram) -> set:
+    """state_dict names of the parameters the program's outputs depend on (a 'features' head
+    still traces the classifier, whose result it drops; compilers remove that)."""
+    params = program.graph_signature.inputs_to_parameters
+    output = next(n for n in program.graph.nodes if n.op == "output")
+    seen, stack = set(), [output]
+    while stack:
+        node = stack.pop()
+        for parent in node.all_input_nodes:
+            if parent not in seen:
+                seen.add(parent)
+                stack.append(parent)
+    return {params[n.name] for n in seen if n.op == "placeholder" and n.name in params}
+
+
+def _state(program: torch.export.ExportedProgram, layout, path) -> Dict[str, List[Tensor]]:
+    """Every tensor of each layout parameter in the program (the one its graph reads first),
+    checked against the layout."""
+    state = program.state_dict
+    used = used_parameters(program)
+    expected = ", ".join(f"{e['name']}{e['shape']}" for e in layout[:4]) + (" ..." if len(layout) > 4 else "")
+    found: Dict[str, List[Tensor]] = {}
+    for e in layout:
+        names = sorted((n for n in layout_names(e) if n in state), key=lambda n: n not in used)
+        if not names:
+            raise ParamsError(f"{path}: its parameters do not match the manifest's layout (missing "
+                              f"{e['name']}); expected {expected}")
+        tensors = [state[n] for n in names]
+        if any(list(t.shape) != list(e["shape"]) for t in tensors):
+            raise ParamsError(f"{path}: its parameters do not match the manifest's layout (shape of "
+                              f"{e['name']} {list(tensors[0].shape)} != {e['shape']}); expected {expected}")
+        found[e["name"]] = tensors
+    return found
+
+
+def program_params(program: torch.export.ExportedProgram, layout, path="program") -> Tensor:
+    """The flat vector a program holds, in the layout's (= eager `parameters()`) order."""
+    state = _state(program, layout, path)
+    return torch.cat([state[e["name"]][0].detach().reshape(-1).cpu() for e in layout])
+
+
+def set_program_params(program: torch.export.ExportedProgram, vector: Tensor, layout,
+                       path="program", allow_nonfinite: bool = False) -> None:
+    """Write `vector` into the program's parameters (every name each one has) in place,
+    checked first; modules made with `program.module()` afterwards use it."""
+    check_params_vector(vector, layout, allow_nonfinite)
+    state = _state(program, layout, path)
+    with torch.no_grad():
+        for e in layout:
+            for t in state[e["name"]]:
+                t.copy_(vector[e["offset"]:e["offset"] + e["length"]].view(t.shape).to(t.device))
