@@ -9,6 +9,7 @@ that `load_constants` (C++: `update_constant_buffer`) replaces in memory without
 """
 
 import io
+import os
 import tempfile
 import time
 import warnings
@@ -24,10 +25,17 @@ from export.flat_vector import check_params_vector
 from export.program_export import layout_names, used_parameters
 
 #: inductor options every package is compiled with (recorded in the manifest and the package's
-#: metadata). Freezing lets inductor treat weights as constants when choosing kernels (measured
-#: on CIFAR ResNet-18: as fast as without at batch 64, faster at batch 1) and the weights stay
-#: replaceable with load_constants.
-AOTI_CONFIGS: Dict[str, Any] = {"freezing": True}
+#: metadata):
+#: - freezing: weights are constants when inductor chooses kernels;
+#: - runtime constant folding: what inductor computes from weights alone (e.g. BatchNorm's
+#:   scale from weight and running_var) is a sub-graph run again after `load_constants`, so
+#:   every parameter stays replaceable; without it ResNet-18's BatchNorm weights are folded away
+#:   and new weights would be silently ignored;
+#: - check_lowerbound off: with input checks on (AOTI_RUNTIME_CHECK_INPUTS=1) a dynamic-batch
+#:   package otherwise refuses batch 1 (torch.export assumes dynamic sizes >= 2; the compiled
+#:   code handles 1, verified at export).
+AOTI_CONFIGS: Dict[str, Any] = {"freezing": True, "aot_inductor.use_runtime_constant_folding": True,
+                                "aot_inductor.check_lowerbound": False}
 
 
 class AotiError(ExportError):
@@ -77,7 +85,10 @@ def check_torch_version(name: str, entry: Dict[str, Any]) -> None:
 
 
 def load_package(source: Union[Path, bytes], name: str = "package"):
-    """`aoti_load_package` of a path or of bytes already checked against the manifest."""
+    """`aoti_load_package` of a path or of bytes already checked against the manifest. Input
+    checks are turned on (AOTI_RUNTIME_CHECK_INPUTS, read by each package's code): without them
+    a package compiled for batch 1 reads a batch of 3 without complaint."""
+    os.environ.setdefault("AOTI_RUNTIME_CHECK_INPUTS", "1")
     data = io.BytesIO(source) if isinstance(source, bytes) else str(source)
     try:
         with warnings.catch_warnings():

@@ -17,10 +17,19 @@ from export.flat_params import (
     rewrite_shared_params,
     write_onnx_params,
 )
-from export.manifest import artifact_name, check_files, layout_problem, read_manifest, stray_files
+from export.flat_vector import checked_layout
+from export.manifest import (
+    ARTIFACT_SUFFIX,
+    artifact_name,
+    artifacts,
+    check_files,
+    layout_problem,
+    read_manifest,
+    stray_files,
+)
 from export.preprocessing import Normalize
 from export.tables import format_table
-from export.verify import eager_outputs, load_torchscript, sample_inputs, verify_onnx, verify_torchscript
+from export.verify import VERIFIERS, eager_outputs, load_torchscript, sample_inputs
 from zoo.heads import BACKBONE_PREFIX
 from zoo.registry import get_backbone
 from zoo.weights import load_state_dict_strict
@@ -44,10 +53,16 @@ def eager_from_artifacts(directory: Path, manifest: Dict[str, Any]) -> torch.nn.
         raise VerifyError(f"{directory}: backbone {backbone['name']!r} is not registered, so the "
                           "eager reference cannot be rebuilt") from None
     ts_files = sorted(n for n in manifest["files"] if n.endswith(".pt"))
-    if ts_files:
-        state = load_torchscript(directory / ts_files[0]).state_dict()
+    programs = sorted(n for n in manifest["files"] if n.endswith(ARTIFACT_SUFFIX["exported"]))
+    if ts_files or programs:
+        if ts_files:
+            state = load_torchscript(directory / ts_files[0]).state_dict()
+        else:
+            from export.program_export import load_program
+
+            state = load_program(directory / programs[0]).state_dict
         state = {k[len(BACKBONE_PREFIX):]: v for k, v in state.items() if k.startswith(BACKBONE_PREFIX)}
-        load_state_dict_strict(net, state, what=f"{ts_files[0]}")
+        load_state_dict_strict(net, state, what=f"{(ts_files or programs)[0]}")
     else:
         import onnx
         from onnx import numpy_helper
@@ -105,28 +120,50 @@ def verify_directory(directory: Path, seed: int = 1, device: str = "cpu") -> Ver
     preprocess = Normalize(prep["mean"], prep["std"]) if prep.get("baked") else None
     inputs = sample_inputs(shape, seed=seed, images=preprocess is not None)
     report = VerifyReport(stray=stray_files(directory, manifest))
-    for mode, spec in manifest["modes"].items():
-        names = [o["name"] for o in spec["outputs"]]
-        want = eager_outputs(net, mode, inputs, device, preprocess)
-        for fmt, verify in (("torchscript", verify_torchscript), ("onnx", verify_onnx)):
-            path = directory / artifact_name(mode, fmt)
-            if path.name not in manifest["files"]:
-                continue
-            held = (load_torchscript(path).get_params() if fmt == "torchscript"
-                    else read_onnx_params(path, manifest))
-            report.rows.append([mode, "flat params", fmt, "-", "-",
-                                "ok" if torch.equal(held.cpu(), params) else "MISMATCH"])
-            for name, s in verify(path, names, inputs, want, device).items():
-                report.rows.append([mode, name, fmt, f"{s['max_abs']:.2e}", f"{s['max_rel']:.2e}",
-                                    "ok" if s["ok"] else "MISMATCH"])
+    wanted: Dict[Any, Any] = {}
+    for mode, fmt, name, batch in artifacts(manifest):
+        path = directory / name
+        outputs = [o["name"] for o in manifest["modes"][mode]["outputs"]]
+        ins = inputs if batch is None else sample_inputs(shape, seed=seed, images=preprocess is not None,
+                                                         batches=(batch,))
+        if (mode, batch) not in wanted:
+            wanted[mode, batch] = eager_outputs(net, mode, ins, device, preprocess)
+        label = fmt if batch is None else f"{fmt} b{batch}"
+        report.rows.append([mode, "flat params", label, "-", "-",
+                            "ok" if _holds_params(path, fmt, manifest, params, device) else "MISMATCH"])
+        for output, s in VERIFIERS[fmt](path, outputs, ins, wanted[mode, batch], device).items():
+            report.rows.append([mode, output, label, f"{s['max_abs']:.2e}", f"{s['max_rel']:.2e}",
+                                "ok" if s["ok"] else "MISMATCH"])
     return report
+
+
+def _holds_params(path: Path, fmt: str, manifest: Dict[str, Any], params: torch.Tensor, device: str) -> bool:
+    """Whether the file holds the eager flat vector: all of it, bit for bit (an AOTInductor
+    package: every parameter its mode reads, which is all it holds)."""
+    layout = checked_layout(manifest, path)
+    if fmt == "torchscript":
+        return torch.equal(load_torchscript(path).get_params().cpu(), params)
+    if fmt == "onnx":
+        return torch.equal(read_onnx_params(path, manifest), params)
+    if fmt == "exported":
+        from export.program_export import load_program, program_params
+
+        return torch.equal(program_params(load_program(path), layout, path.name), params)
+    from export.aoti_export import check_torch_version, package_constants
+
+    check_torch_version(path.name, manifest["programs"][path.name])
+    held = package_constants(path, layout, path.name, device)
+    return bool(held) and all(torch.equal(held[e["name"]], params[e["offset"]:e["offset"] + e["length"]])
+                              for e in layout if e["name"] in held)
 
 
 def run_verify(argv: Sequence[str]) -> int:
     parser = argparse.ArgumentParser(prog="python -m export verify",
                                      description="Re-check an export directory: sha256 of every "
-                                     "file, the flat-parameter layout, then eager vs TorchScript "
-                                     "vs onnxruntime on fresh inputs. Exit 1 on any mismatch.")
+                                     "file, the flat-parameter layout, then eager vs every "
+                                     "artifact (TorchScript, onnxruntime, torch.export program, "
+                                     "AOTInductor package) on fresh inputs, and the flat "
+                                     "parameters each holds. Exit 1 on any mismatch.")
     parser.add_argument("directory", type=Path)
     parser.add_argument("--seed", type=int, default=1, help="seed of the fresh inputs")
     parser.add_argument("--device", default="cpu")
@@ -158,27 +195,82 @@ def _load_vector(path: Path) -> torch.Tensor:
     return value
 
 
+def _kind(path: Path) -> str:
+    """onnx, exported or aoti, from the file name; one line for anything else."""
+    name = path.name
+    if name.endswith(".onnx"):
+        return "onnx"
+    if name.endswith(ARTIFACT_SUFFIX["exported"]):
+        return "exported"
+    if ".aoti." in name and name.endswith(".pt2"):
+        return "aoti"
+    raise ExportError(f"{path}: expected an exported .onnx, .ep.pt2 or .aoti.pt2 file "
+                      "(TorchScript files have get_params/set_params of their own)")
+
+
+def read_params(path: Path, manifest=None) -> torch.Tensor:
+    """The flat vector an exported file holds (eager get_params() order)."""
+    kind = _kind(path)
+    if kind == "onnx":
+        return read_onnx_params(path, manifest)
+    if not path.is_file():
+        raise ExportError(f"{path}: no such file")
+    manifest = manifest if manifest is not None else read_manifest(path.parent)
+    layout = checked_layout(manifest, path)
+    if kind == "exported":
+        from export.program_export import load_program, program_params
+
+        return program_params(load_program(path), layout, path)
+    from export.aoti_export import check_torch_version, package_params
+
+    check_torch_version(path.name, (manifest.get("programs") or {}).get(path.name, {}))
+    return package_params(path, layout, path.name)
+
+
+def write_params(path: Path, vector: torch.Tensor, out: Path, manifest=None,
+                 allow_nonfinite: bool = False) -> Path:
+    """A copy of an exported file with `vector` as its parameters."""
+    kind = _kind(path)
+    if kind == "onnx":
+        return write_onnx_params(path, vector, out, manifest, allow_nonfinite=allow_nonfinite)
+    if kind == "aoti":
+        raise ExportError(f"{path}: an AOTInductor package's weights are compiled into its shared "
+                          "library and torch cannot rewrite them in the file; replace them when "
+                          "loaded (export.runtime.load(DIR, engine='aoti').set_params(v), C++: "
+                          "AOTIModelPackageLoader::load_constants) or re-export")
+    from export.program_export import write_program_params
+
+    if not path.is_file():
+        raise ExportError(f"{path}: no such file")
+    manifest = manifest if manifest is not None else read_manifest(path.parent)
+    return write_program_params(path, vector, out, checked_layout(manifest, path), allow_nonfinite)
+
+
 def run_params(argv: Sequence[str]) -> int:
     parser = argparse.ArgumentParser(prog="python -m export params",
                                      description="Read or write the flat parameter vector "
-                                     "(eager get_params() order) of an exported ONNX file.")
+                                     "(eager get_params() order) of an exported file: ONNX "
+                                     "(.onnx), torch.export program (.ep.pt2), AOTInductor package "
+                                     "(.aoti.pt2: read only; its weights are replaced at load time).")
     sub = parser.add_subparsers(dest="action", required=True)
     p_read = sub.add_parser("read", help="print the vector's size; save it with --out (.pt/.npy)")
-    p_read.add_argument("onnx", type=Path)
+    p_read.add_argument("onnx", type=Path, metavar="FILE", help=".onnx, .ep.pt2 or .aoti.pt2")
     p_read.add_argument("--out", type=Path)
     p_read.add_argument("--manifest", type=Path, help="manifest.json (default: beside the file)")
-    p_write = sub.add_parser("write", help="write a vector (.pt/.npy) into a copy of an ONNX file, "
-                             "or (given an export directory with shared weights) into the directory")
-    p_write.add_argument("onnx", type=Path, help="an ONNX file, or an export directory exported with "
+    p_write = sub.add_parser("write", help="write a vector (.pt/.npy) into a copy of an .onnx or "
+                             ".ep.pt2 file, or (given an export directory with shared weights) into "
+                             "the directory")
+    p_write.add_argument("onnx", type=Path, metavar="FILE",
+                         help="an .onnx or .ep.pt2 file, or an export directory exported with "
                          "--onnx-weights shared (rewritten in place, every mode and format at once)")
     p_write.add_argument("vector", type=Path)
-    p_write.add_argument("--out", type=Path, help="the new ONNX file (required for a file)")
+    p_write.add_argument("--out", type=Path, help="the new file (required for a file)")
     p_write.add_argument("--allow-nonfinite", action="store_true", help="accept NaN/inf values")
     p_write.add_argument("--manifest", type=Path, help="manifest.json (default: beside the file)")
     args = parser.parse_args(argv)
     manifest = read_manifest(args.manifest.parent) if args.manifest else None
     if args.action == "read":
-        vector = read_onnx_params(args.onnx, manifest)
+        vector = read_params(args.onnx, manifest)
         print(f"{args.onnx}: {vector.numel()} parameters, sha256 of values "
               f"{__import__('hashlib').sha256(vector.numpy().tobytes()).hexdigest()[:16]}")
         if args.out:
@@ -201,7 +293,6 @@ def run_params(argv: Sequence[str]) -> int:
     if args.out is None:
         raise ExportError("params write FILE VECTOR needs --out NEW.onnx (a directory with shared "
                           "weights is rewritten in place instead)")
-    out = write_onnx_params(args.onnx, _load_vector(args.vector), args.out, manifest,
-                            allow_nonfinite=args.allow_nonfinite)
+    out = write_params(args.onnx, _load_vector(args.vector), args.out, manifest, args.allow_nonfinite)
     print(f"wrote {out}")
     return 0

@@ -156,8 +156,9 @@ def rewrite_shared_params(directory: Path, vector: Tensor, allow_nonfinite: bool
     """Put `vector` into an export directory with shared ONNX weights, in place and atomically.
 
     `weights.onnx.data` (read by every mode's graph) gets the new values at the offsets the
-    graphs name; the TorchScript files, which hold their own copy, get the same vector; int8
-    files (quantized from the old weights) are removed. All of it happens in a staging copy of
+    graphs name; the TorchScript files and torch.export programs, which hold their own copy,
+    get the same vector; int8 files (quantized from the old weights) and AOTInductor packages
+    (weights compiled in) are removed. All of it happens in a staging copy of
     the directory that replaces it in one step, with the manifest's hashes updated.
     """
     from export.manifest import SHARED_WEIGHTS, artifact_name, check_files, file_entry, write_manifest
@@ -198,9 +199,20 @@ def rewrite_shared_params(directory: Path, vector: Tensor, allow_nonfinite: bool
             with atomic_path(staging / name) as tmp:
                 save_torchscript(module, tmp)
             manifest["files"][name] = file_entry(staging / name)
-        for info in manifest.pop("quantized", {}).values():
-            manifest["files"].pop(info["file"], None)
-            (staging / info["file"]).unlink(missing_ok=True)
+        for name in [n for n, info in (manifest.get("programs") or {}).items() if info["format"] == "exported"]:
+            from export.program_export import load_program, program_bytes, set_program_params
+
+            program = load_program(staging / name)
+            set_program_params(program, vector.detach().cpu(), layout, name, allow_nonfinite)
+            with atomic_path(staging / name) as tmp:
+                tmp.write_bytes(program_bytes(program))
+            manifest["files"][name] = file_entry(staging / name)
+        stale = [info["file"] for info in manifest.pop("quantized", {}).values()]
+        stale += [n for n, info in (manifest.get("programs") or {}).items() if info["format"] == "aoti"]
+        for name in stale:
+            manifest["files"].pop(name, None)
+            (manifest.get("programs") or {}).pop(name, None)
+            (staging / name).unlink(missing_ok=True)
         manifest["source"] = {**manifest.get("source", {}), "params_rewritten": True}
         write_manifest(staging, manifest)
         tx.commit()

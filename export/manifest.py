@@ -31,6 +31,21 @@ def aoti_name(mode: str, batch: Optional[int]) -> str:
     """`out.aoti.pt2` (any batch size) or `out.aoti.b64.pt2` (compiled for batch 64 only)."""
     return artifact_name(mode, "aoti") if batch is None else f"{mode}.aoti.b{batch}.pt2"
 
+def artifacts(manifest: Dict[str, Any]) -> List[tuple]:
+    """(mode, format, file name, batch) of every listed artifact of the float32 formats; batch is
+    None except for an AOTInductor package compiled for one batch size."""
+    found = []
+    programs = manifest.get("programs") or {}
+    for mode in manifest["modes"]:
+        for fmt in ("torchscript", "onnx", "exported"):
+            if artifact_name(mode, fmt) in manifest["files"]:
+                found.append((mode, fmt, artifact_name(mode, fmt), None))
+        for name, info in sorted(programs.items()):
+            if info.get("format") == "aoti" and info.get("mode") == mode and name in manifest["files"]:
+                found.append((mode, "aoti", name, info.get("batch")))
+    return found
+
+
 #: top-level keys every manifest this tool writes has, with their JSON types
 REQUIRED_KEYS = {"backbone": dict, "input": dict, "modes": dict, "files": dict,
                  "flat_params": dict}

@@ -141,3 +141,21 @@ def set_program_params(program: torch.export.ExportedProgram, vector: Tensor, la
         for e in layout:
             for t in state[e["name"]]:
                 t.copy_(vector[e["offset"]:e["offset"] + e["length"]].view(t.shape).to(t.device))
+
+
+def write_program_params(path: Path, vector: Tensor, out: Path, layout,
+                         allow_nonfinite: bool = False) -> Path:
+    """A copy of the program at `path` with `vector` as its parameters, written atomically."""
+    from export.atomic import atomic_path
+    from export.flat_params import refuse_export_file
+
+    path, out = Path(path), Path(out)
+    if out.resolve() == path.resolve():
+        raise ParamsError(f"{out}: write to a new file; overwriting an exported artifact would "
+                          "break its sha256 in the manifest")
+    refuse_export_file(out)
+    program = load_program(path)
+    set_program_params(program, vector, layout, path, allow_nonfinite)
+    with atomic_path(out) as tmp:
+        tmp.write_bytes(program_bytes(program))
+    return out

@@ -8,7 +8,9 @@ import onnx
 import pytest
 import torch
 
-from export.core import FORMATS
+from export.core import DEFAULT_FORMATS
+from export.manifest import artifact_name
+from export.program_export import load_program
 from export.verify import as_list, load_torchscript, ort_session
 from tests.conftest import assert_within_bound, backbone_params
 from zoo import RETURNT_MODES
@@ -22,7 +24,7 @@ def test_export_succeeds_with_manifest(name, export):
     net, result = export
     assert result.ok, result.failures
     m = result.manifest
-    assert set(m["files"]) == {f"{mode}{s}" for mode in RETURNT_MODES for s in (".pt", ".onnx")}
+    assert set(m["files"]) == {artifact_name(mode, f) for mode in RETURNT_MODES for f in DEFAULT_FORMATS}
     for fname, entry in m["files"].items():
         path = result.directory / fname
         assert path.stat().st_size == entry["size"] and len(entry["sha256"]) == 64
@@ -40,11 +42,14 @@ def test_export_succeeds_with_manifest(name, export):
     layout = m["flat_params"]["layout"]
     assert [e["name"] for e in layout] == [n for n, _ in net.named_parameters()]
     assert sum(e["length"] for e in layout) == net.num_params() == m["flat_params"]["count"]
-    for fmt in FORMATS:
+    for fmt in DEFAULT_FORMATS:
         for mode in RETURNT_MODES:
             stats = m["verification"][fmt][mode]
             assert all(s["ok"] for s in stats.values()), (fmt, mode, stats)
     assert m["timing"]["seconds"]["onnx_export"] > 0
+    for mode in RETURNT_MODES:
+        info = m["programs"][artifact_name(mode, "exported")]
+        assert info["dynamic"] == m["input"]["dynamic"] and info["mode"] == mode
     assert not list(result.directory.glob(".*.tmp")), "temp files left behind"
 
 
@@ -71,24 +76,30 @@ def test_manifest_stage_shapes_hold_at_another_input_size(name, export):
         assert list(out.shape[1:]) == want, (spec["name"], spec["shape"], list(out.shape))
 
 
-@pytest.mark.parametrize("fmt", FORMATS)
+def _raw_loader(fmt: str, path, names):
+    """The file loaded as a user of that format loads it, as `x -> list of numpy arrays`."""
+    if fmt == "onnx":
+        session = ort_session(path)
+        return lambda x: session.run(names, {"x": x.numpy()})
+    module = load_torchscript(path) if fmt == "torchscript" else load_program(path).module()
+    return lambda x: [t.numpy() for t in as_list(module(x))]
+
+
+@pytest.mark.parametrize("fmt", DEFAULT_FORMATS)
 @pytest.mark.parametrize("mode", RETURNT_MODES)
 @pytest.mark.parametrize("name", BACKBONES)
 def test_exported_matches_eager(name, mode, fmt, export):
     """Fresh runtime, two batch sizes that the export never saw (1 and 5)."""
     net, result = export
-    path = result.directory / f"{mode}{'.pt' if fmt == 'torchscript' else '.onnx'}"
+    path = result.directory / artifact_name(mode, fmt)
     names = [o["name"] for o in result.manifest["modes"][mode]["outputs"]]
     shape = result.manifest["input"]["shape"][1:]
-    run = load_torchscript(path) if fmt == "torchscript" else ort_session(path)
+    run = _raw_loader(fmt, path, names)
     for batch in (1, 5):
         x = torch.randn(batch, *shape, generator=torch.Generator().manual_seed(batch + 7))
         with torch.no_grad():
             want = [t.numpy() for t in as_list(net(x, returnt=mode))]
-            if fmt == "torchscript":
-                got = [t.numpy() for t in as_list(run(x))]
-            else:
-                got = run.run(names, {"x": x.numpy()})
+            got = run(x)
         assert len(got) == len(want) == len(names)
         for g, w in zip(got, want):
             assert_within_bound(g, w)
@@ -138,6 +149,32 @@ def test_one_changed_weight_fails_verification(name, export, tmp_path):
 
 
 @pytest.mark.parametrize("name", BACKBONES)
+def test_one_changed_weight_fails_program_verification(name, export, tmp_path):
+    """The same for a torch.export program: one parameter its graph reads, changed."""
+    from export.program_export import program_bytes, used_parameters
+    from export.verify import eager_outputs, sample_inputs, verify_program
+
+    net, result = export
+    manifest = result.manifest
+    names = [o["name"] for o in manifest["modes"]["full"]["outputs"]]
+    inputs = sample_inputs(manifest["input"]["shape"][1:])
+    expected = eager_outputs(net, "full", inputs, "cpu")
+    source = result.directory / "full.ep.pt2"
+    assert all(s["ok"] for s in verify_program(source, names, inputs, expected, "cpu").values())
+    program = load_program(source)
+    used = used_parameters(program)
+    entry = next(e for e in manifest["flat_params"]["layout"] if set(e["program_names"]) & used)
+    with torch.no_grad():
+        for alias in set(entry["program_names"]) & used:
+            t = program.state_dict[alias]
+            t.view(-1)[0] += max(0.1, float(t.abs().max()))
+    tampered = tmp_path / "full.ep.pt2"
+    tampered.write_bytes(program_bytes(program))
+    stats = verify_program(tampered, names, inputs, expected, "cpu")
+    assert not all(s["ok"] for s in stats.values()), f"{entry['name']} changed, yet verified: {stats}"
+
+
+@pytest.mark.parametrize("name", BACKBONES)
 def test_outputs_have_unit_scale(name, export):
     """Random test weights keep every output far from zero (BN statistics from a forward pass)."""
     net, result = export
@@ -163,6 +200,8 @@ o = s.run(None, {{"x": x.numpy()}})
 assert len(o) == len(outs)
 assert np.abs(o[-1] - outs[-1].detach().numpy()).max() < 1e-3
 assert m.get_params().numel() > 0
+p = torch.export.load(d + "/full.ep.pt2").module()
+assert all((a - b).abs().max() < 1e-3 for a, b in zip(p(x), outs))
 assert not any(k == "zoo" or k.startswith("zoo.") or k.startswith("export") for k in sys.modules), "zoo imported"
 print("ok")
 """

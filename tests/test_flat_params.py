@@ -1,4 +1,4 @@
-"""Flat parameter vectors round-trip between eager, TorchScript and ONNX (issue 5)."""
+"""Flat parameter vectors round-trip between eager, TorchScript, ONNX and torch.export programs."""
 
 import copy
 
@@ -9,6 +9,7 @@ import torch
 
 from export.flat_params import ParamsError, read_onnx_params, write_onnx_params
 from export.manifest import read_manifest
+from export.program_export import load_program, program_params, write_program_params
 from export.verify import as_list, load_torchscript, ort_session
 from tests.conftest import assert_within_bound, backbone_params
 from zoo import RETURNT_MODES
@@ -33,6 +34,13 @@ def test_params_identical_across_formats(name, mode, export):
     v = net.get_params()
     assert torch.equal(ts.get_params(), v)
     assert torch.equal(read_onnx_params(result.directory / f"{mode}.onnx"), v)
+    layout = result.manifest["flat_params"]["layout"]
+    program = load_program(result.directory / f"{mode}.ep.pt2")
+    assert torch.equal(program_params(program, layout), v)
+    # the program's parameters, in state_dict order, are parameters() in order (by any alias)
+    names = [n for n in program.graph_signature.parameters]
+    firsts = [next(n for n in names if n in e["program_names"]) for e in layout]
+    assert sorted(firsts, key=names.index) == firsts
 
 
 @pytest.mark.parametrize("mode", RETURNT_MODES)
@@ -58,6 +66,13 @@ def test_new_vector_gives_same_outputs_everywhere(name, mode, export, tmp_path):
     for e, s, o in zip(eager, script, onnx_out):
         assert_within_bound(s, e)
         assert_within_bound(o, e)
+    layout = result.manifest["flat_params"]["layout"]
+    new_program = write_program_params(result.directory / f"{mode}.ep.pt2", new, tmp_path / "new.ep.pt2", layout)
+    program = load_program(new_program)
+    assert torch.equal(program_params(program, layout), new)
+    with torch.no_grad():
+        for g, e in zip(as_list(program.module()(x)), eager):
+            assert_within_bound(g.numpy(), e)
     assert any(not np.allclose(a, b, rtol=1e-3, atol=1e-3) for a, b in zip(eager, before)), \
         "outputs did not change: the test could not fail"
 

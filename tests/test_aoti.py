@@ -1,0 +1,229 @@
+"""AOTInductor packages (`--formats aoti`): verified, loadable without the zoo and from C++,
+weights replaceable without recompiling, and clear refusals.
+
+Compiling costs ~5-15 s per package here, so these tests share one small export per backbone
+(mnistmlp and an 8-filter ResNet-18) and run on one xdist worker.
+"""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from export.cli import main
+from export.core import export_backbone
+from export.errors import ExportError, IntegrityError, ParamsError
+from export.runtime import load
+from tests.conftest import REPO, assert_within_bound, build_small
+from zoo import RETURNT_MODES
+
+pytestmark = pytest.mark.xdist_group("aoti")
+NAMES = ["mnistmlp", "resnet18"]
+
+
+@pytest.fixture(scope="module")
+def aoti_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("aoti")
+    yield root
+    shutil.rmtree(root, ignore_errors=True)
+
+
+_BUILT = {}
+
+
+@pytest.fixture
+def aoti_export(name, aoti_root):
+    """(net, result): every mode as an any-batch package, plus TorchScript (for C++)."""
+    if name not in _BUILT:
+        net, shape = build_small(name)
+        result = export_backbone(net, aoti_root / name, formats=["torchscript", "exported", "aoti"],
+                                 input_shape=shape)
+        _BUILT[name] = (net, result)
+    return _BUILT[name]
+
+
+def _flat(out):
+    return [out] if isinstance(out, torch.Tensor) else list(out)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_packages_are_verified_and_recorded(name, aoti_export):
+    _, result = aoti_export
+    assert result.ok, result.failures
+    m = result.manifest
+    for mode in RETURNT_MODES:
+        info = m["programs"][f"{mode}.aoti.pt2"]
+        assert info["format"] == "aoti" and info["mode"] == mode and info["batch"] is None
+        assert info["torch"] == torch.__version__ and info["seconds"] > 0 and info["compiler"]
+        assert info["inductor_configs"]["aot_inductor.use_runtime_constant_folding"] is True
+        assert info["weights_replaceable"] is True
+        assert all(s["ok"] for s in m["verification"]["aoti"][f"{mode}.aoti.pt2"].values())
+    assert m["timing"]["seconds"]["aoti_compile"] > 0
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_aoti_engine_matches_eager_and_takes_new_weights(name, aoti_export):
+    net, result = aoti_export
+    runtime = load(result.directory, engine="aoti")
+    assert torch.equal(runtime.get_params(), net.get_params())
+    for batch in (1, 5):
+        x = torch.randn(batch, *runtime.input_shape, generator=torch.Generator().manual_seed(batch))
+        for mode in RETURNT_MODES:
+            with torch.no_grad():
+                want = net(x, returnt=mode)
+            got = runtime(x, returnt=mode)
+            assert type(got) is type(want)
+            for g, w in zip(_flat(got), _flat(want)):
+                assert_within_bound(g.numpy(), w.numpy())
+    # new weights through load_constants, no recompiling; BatchNorm's folded constants follow
+    v = net.get_params()
+    new = v * (1 + 0.05 * torch.randn(v.shape, generator=torch.Generator().manual_seed(9)))
+    runtime.set_params(new)
+    eager = build_small(name)[0]
+    eager.set_params(new)
+    x = torch.randn(2, *runtime.input_shape, generator=torch.Generator().manual_seed(3))
+    for mode in ("out", "full"):
+        with torch.no_grad():
+            want = _flat(eager(x, returnt=mode))
+        for g, w in zip(_flat(runtime(x, returnt=mode)), want):
+            assert_within_bound(g.numpy(), w.numpy())
+    assert torch.equal(runtime.get_params(), new)
+
+
+@pytest.mark.parametrize("name", ["resnet18"])
+def test_fixed_batch_package(name, aoti_export, tmp_path):
+    """--aoti-batch 2: `out.aoti.b2.pt2`, used at batch 2; other sizes are refused by name."""
+    net, shape = build_small(name)
+    result = export_backbone(net, tmp_path / "b2", modes=["out"], formats=["aoti"], input_shape=shape,
+                             aoti_batches=[2])
+    assert result.ok and sorted(result.manifest["files"]) == ["out.aoti.b2.pt2"]
+    info = result.manifest["programs"]["out.aoti.b2.pt2"]
+    assert info["batch"] == 2 and info["dynamic"] == ["height", "width"]
+    runtime = load(result.directory, engine="aoti")
+    x = torch.randn(2, *shape)
+    with torch.no_grad():
+        assert_within_bound(runtime(x).numpy(), net(x).numpy())
+    with pytest.raises(ValueError, match=r"batch 3: the 'out' packages .* were compiled for batch 2 only"):
+        runtime(torch.randn(3, *shape))
+    # loaded directly, the package checks its input (turned on by our loader, and by the C++ example)
+    code = (f"import os, torch; os.environ['AOTI_RUNTIME_CHECK_INPUTS'] = '1'; "
+            f"m = torch._inductor.aoti_load_package({str(result.directory / 'out.aoti.b2.pt2')!r}); "
+            f"m(torch.randn(3, *{shape!r}))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode != 0 and "expected: 2, but got: 3" in proc.stderr
+
+
+@pytest.mark.parametrize("name", ["mnistmlp"])
+def test_verify_rechecks_packages(name, aoti_export, capsys):
+    _, result = aoti_export
+    assert main(["verify", str(result.directory)]) == 0
+    out = capsys.readouterr().out
+    assert out.count(" aoti ") >= 4 + 4 * 2  # flat params and outputs of every package
+    assert "MISMATCH" not in out
+
+
+@pytest.mark.parametrize("name", ["mnistmlp"])
+def test_packages_load_without_the_zoo(name, aoti_export):
+    _, result = aoti_export
+    code = f"""
+import sys, torch
+m = torch._inductor.aoti_load_package({str(result.directory / "full.aoti.pt2")!r})
+outs = m(torch.randn(3, 1, 28, 28))
+assert len(outs) == 4 and outs[-1].shape == (3, 10)
+assert not any(k == "zoo" or k.startswith(("zoo.", "export")) for k in sys.modules), "zoo imported"
+print("ok")
+"""
+    proc = subprocess.run([sys.executable, "-I", "-c", code], capture_output=True, text=True,
+                          cwd=result.directory)
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-2000:]
+
+
+@pytest.mark.parametrize("name", ["mnistmlp"])
+def test_tampered_or_foreign_packages_are_refused(name, aoti_export, tmp_path, capsys):
+    _, result = aoti_export
+    d = tmp_path / "copy"
+    shutil.copytree(result.directory, d)
+    target = d / "out.aoti.pt2"
+    data = bytearray(target.read_bytes())
+    data[len(data) // 3] ^= 0xFF
+    target.write_bytes(bytes(data))
+    with pytest.raises(IntegrityError, match="out.aoti.pt2: sha256 does not match"):
+        load(d, engine="aoti")
+    shutil.copy(result.directory / "out.aoti.pt2", target)
+    manifest = json.loads((d / "manifest.json").read_text())
+    manifest["programs"]["both.aoti.pt2"]["torch"] = "2.13.0+cpu"
+    (d / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ExportError, match=r"both.aoti.pt2: compiled with torch 2.13.0\+cpu, this is torch"):
+        load(d, engine="aoti")
+    # params write cannot rewrite compiled-in weights: one line saying what to do instead
+    torch.save(torch.zeros(manifest["flat_params"]["count"]), tmp_path / "v.pt")
+    assert main(["params", "write", str(result.directory / "out.aoti.pt2"), str(tmp_path / "v.pt"),
+                 "--out", str(tmp_path / "x.aoti.pt2")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "set_params" in err and "load_constants" in err
+
+
+def test_missing_compiler_is_one_line(monkeypatch, tmp_path, capsys):
+    from torch._inductor import config
+
+    monkeypatch.setattr(config.cpp, "cxx", (None, "no-such-c++"))
+    assert main(["mnistmlp", "--formats", "aoti", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.splitlines() == [err] and "no compiler no-such-c++ was found: install g++" in err
+    assert not (tmp_path / "mnistmlp").exists()
+
+
+def test_aoti_batch_option_is_checked(tmp_path, capsys):
+    for bad, message in (("0", "batch sizes go from 1 to 4096"), ("big", "expected batch sizes and/or 'dynamic'")):
+        assert main(["mnistmlp", "--formats", "aoti", "--aoti-batch", bad, "--out", str(tmp_path)]) == 2
+        assert message in capsys.readouterr().err
+
+
+def _cxx_build(tmp_path: Path) -> Path:
+    """Build examples/cpp with its Makefile (g++ against the wheel's libtorch)."""
+    missing = [tool for tool in ("g++", "make") if shutil.which(tool) is None]
+    if missing:
+        pytest.fail(f"the C++ example needs {' and '.join(missing)}: install them (apt install g++ make)")
+    proc = subprocess.run(["make", "-C", str(REPO / "examples" / "cpp"), f"BUILD={tmp_path}",
+                           f"PYTHON={sys.executable}"], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return tmp_path / "run_model"
+
+
+@pytest.mark.parametrize("name", ["resnet18"])
+def test_cpp_example_matches_eager(name, aoti_export, tmp_path):
+    """examples/cpp/run_model loads out/full.aoti.pt2 (AOTIModelPackageLoader) and both.pt
+    (torch::jit::load) in C++ and writes outputs equal to eager's."""
+    net, result = aoti_export
+    binary = _cxx_build(tmp_path)
+    x = torch.randn(3, *result.manifest["input"]["shape"][1:], generator=torch.Generator().manual_seed(1))
+    torch.save(x, tmp_path / "input.pt")
+    env = {k: v for k, v in os.environ.items() if k != "AOTI_RUNTIME_CHECK_INPUTS"}
+    for file, mode in (("out.aoti.pt2", "out"), ("full.aoti.pt2", "full"), ("both.pt", "both")):
+        out = tmp_path / f"{file}.out.pt"
+        proc = subprocess.run([str(binary), str(result.directory / file), str(tmp_path / "input.pt"), str(out)],
+                              capture_output=True, text=True, env=env, timeout=120)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        got = torch.load(out, weights_only=True)
+        with torch.no_grad():
+            want = _flat(net(x, returnt=mode))
+        assert len(got) == len(want)
+        for g, w in zip(got, want):
+            assert_within_bound(g.numpy(), w.numpy())
+    # a wrong batch for a fixed-size package, or a wrong file, fails with a message, not garbage
+    proc = subprocess.run([str(binary), str(result.directory / "manifest.json"), str(tmp_path / "input.pt"),
+                           str(tmp_path / "x.pt")], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and "expected a .aoti.pt2 or .pt file" in proc.stderr
+
+
+def test_aoti_params_are_not_a_silent_no_op():
+    """A package whose parameters inductor folded away refuses set_params in one line."""
+    from export.aoti_export import refuse_frozen
+
+    with pytest.raises(ParamsError, match="cannot be replaced; re-export"):
+        refuse_frozen("out.aoti.pt2", {"weights_replaceable": False})

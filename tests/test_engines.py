@@ -1,0 +1,158 @@
+"""`export.runtime.load`: every engine gives eager's outputs, flat parameters and errors."""
+
+import copy
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from export.cli import main
+from export.errors import ExportError, IntegrityError, ManifestError, ParamsError
+from export.runtime import ENGINES, load
+from tests.conftest import assert_within_bound, backbone_params
+from zoo import RETURNT_MODES
+
+BACKBONES = backbone_params()
+#: the engines whose files every default export has
+DEFAULT_ENGINES = ("onnxruntime", "torchscript", "exported")
+
+
+def _flat(out):
+    return [out] if not isinstance(out, (list, tuple)) else list(out)
+
+
+@pytest.mark.parametrize("engine", DEFAULT_ENGINES)
+@pytest.mark.parametrize("name", BACKBONES)
+def test_every_engine_matches_eager(name, engine, export):
+    net, result = export
+    runtime = load(result.directory, engine=engine)
+    x = torch.randn(3, *runtime.input_shape, generator=torch.Generator().manual_seed(5))
+    for mode in RETURNT_MODES:
+        with torch.no_grad():
+            want = net(x, returnt=mode)
+        got = runtime(x, returnt=mode)
+        assert type(got) is type(want), (mode, type(got))
+        assert all(isinstance(t, torch.Tensor) for t in _flat(got))
+        for g, w in zip(_flat(got), _flat(want)):
+            assert_within_bound(g.numpy(), w.numpy())
+    got_np = runtime(x[:1].numpy(), returnt="full")
+    assert all(isinstance(t, np.ndarray) for t in got_np)
+    assert torch.equal(runtime.get_params(), net.get_params())
+
+
+@pytest.mark.parametrize("engine", DEFAULT_ENGINES)
+@pytest.mark.parametrize("name", ["resnet18", "mnistmlp"])
+def test_every_engine_takes_a_new_vector(name, engine, export):
+    net, result = export
+    net = copy.deepcopy(net)
+    runtime = load(result.directory, engine=engine)
+    x = torch.randn(2, *runtime.input_shape, generator=torch.Generator().manual_seed(6))
+    runtime(x, returnt="out")  # a mode loaded before the change must follow it too
+    v = net.get_params()
+    new = v * (1 + 0.05 * torch.randn(v.shape, generator=torch.Generator().manual_seed(7)))
+    runtime.set_params(new)
+    net.set_params(new)
+    assert torch.equal(runtime.get_params(), new)
+    for mode in ("out", "full"):
+        with torch.no_grad():
+            want = _flat(net(x, returnt=mode))
+        for g, w in zip(_flat(runtime(x, returnt=mode)), want):
+            assert_within_bound(g.numpy(), w.numpy())
+    with pytest.raises(ParamsError, match="expected 1-D|expected .* elements"):
+        runtime.set_params(new[:-1])
+    with pytest.raises(ParamsError, match="NaN/inf"):
+        runtime.set_params(torch.full_like(new, float("nan")))
+
+
+@pytest.mark.parametrize("name", ["resnet18"])
+def test_load_refuses_bad_choices(name, export, tmp_path):
+    _, result = export
+    with pytest.raises(ExportError, match="unknown engine 'tensorrt'; allowed: onnxruntime, torchscript"):
+        load(result.directory, engine="tensorrt")
+    pairs = ", ".join(f"{e}+{p}" for e, ps in ENGINES.items() for p in ps)
+    with pytest.raises(ExportError, match=f"engine 'torchscript' has no precision 'int8'; the pairs that exist: "
+                                          f"{pairs}"):
+        load(result.directory, engine="torchscript", precision="int8")
+    with pytest.raises(ManifestError, match="lists no AOTInductor package .*--formats including aoti"):
+        load(result.directory, engine="aoti")
+    with pytest.raises(ValueError, match=r"rank 3; expected \[batch, 3x32x32\]"):
+        load(result.directory, engine="exported")(np.zeros((3, 32, 32), np.float32))
+    with pytest.raises(ValueError, match="unknown returnt 'all'"):
+        load(result.directory, engine="torchscript")(np.zeros((1, 3, 32, 32), np.float32), returnt="all")
+
+
+@pytest.mark.parametrize("engine", ["torchscript", "exported"])
+@pytest.mark.parametrize("name", ["resnet18"])
+def test_engines_refuse_a_tampered_file(name, engine, export, tmp_path):
+    _, result = export
+    copy_dir = tmp_path / "copy"
+    shutil.copytree(result.directory, copy_dir)
+    suffix = ".pt" if engine == "torchscript" else ".ep.pt2"
+    target = copy_dir / f"both{suffix}"
+    data = bytearray(target.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    target.write_bytes(bytes(data))
+    with pytest.raises(IntegrityError, match=f"both{suffix}: sha256 does not match"):
+        load(copy_dir, engine=engine)
+    assert load(copy_dir, engine=engine, verify_hashes=False).modes  # the user's explicit choice
+    assert main(["verify", str(copy_dir)]) == 1
+
+
+@pytest.mark.parametrize("name", ["resnet18", "mnistmlp"])
+def test_params_cli_on_programs(name, export, tmp_path, capsys):
+    """params read/write on a .ep.pt2: bit-equal vectors, a copy that runs the new weights."""
+    net, result = export
+    program = result.directory / "both.ep.pt2"
+    assert main(["params", "read", str(program), "--out", str(tmp_path / "v.pt")]) == 0
+    v = torch.load(tmp_path / "v.pt", weights_only=True)
+    assert torch.equal(v, net.get_params())
+    new = v * 1.01
+    torch.save(new, tmp_path / "new.pt")
+    out = tmp_path / "new.ep.pt2"
+    assert main(["params", "write", str(program), str(tmp_path / "new.pt"), "--out", str(out),
+                 "--manifest", str(result.directory / "manifest.json")]) == 0
+    assert main(["params", "read", str(out), "--out", str(tmp_path / "back.npy"),
+                 "--manifest", str(result.directory / "manifest.json")]) == 0
+    assert np.array_equal(np.load(tmp_path / "back.npy"), new.numpy())
+    capsys.readouterr()
+    # overwriting a listed artifact is refused
+    assert main(["params", "write", str(program), str(tmp_path / "new.pt"), "--out",
+                 str(result.directory / "out.ep.pt2")]) == 2
+    assert "break its sha256" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", ["resnet18"])
+def test_program_of_another_model_is_refused(name, export, export_root, tmp_path, capsys):
+    """A .ep.pt2 of mnistmlp written with resnet18's layout: one line with the expected layout."""
+    from tests.conftest import exported
+
+    _, result = export
+    _, other = exported("mnistmlp", export_root)
+    torch.save(torch.zeros(result.manifest["flat_params"]["count"]), tmp_path / "v.pt")
+    code = main(["params", "write", str(other.directory / "out.ep.pt2"), str(tmp_path / "v.pt"),
+                 "--out", str(tmp_path / "x.ep.pt2"), "--manifest", str(result.directory / "manifest.json")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1, err
+    assert "do not match the manifest's layout (missing conv1.weight); expected conv1.weight[8, 3, 3, 3]" in err
+    not_a_program = tmp_path / "junk.ep.pt2"
+    not_a_program.write_bytes(b"not a zip")
+    assert main(["params", "read", str(not_a_program), "--manifest", str(result.directory / "manifest.json")]) == 2
+    assert "not a torch.export program" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", ["mnistmlp"])
+def test_formats_subset_and_manifest(name, export, tmp_path):
+    """Only the asked formats are written; an engine without its files says what to export."""
+    from export.core import export_backbone
+
+    net, _ = export
+    result = export_backbone(net, tmp_path / "m", modes=["out"], formats=["exported"])
+    assert result.ok and sorted(result.manifest["files"]) == ["out.ep.pt2"]
+    assert result.manifest["verification"]["exported"]["out"]["logits"]["ok"]
+    with pytest.raises(ManifestError, match="lists no ONNX file"):
+        load(result.directory)
+    assert load(result.directory, engine="exported")(torch.zeros(1, 1, 28, 28)).shape == (1, 10)
+    manifest = json.loads((result.directory / "manifest.json").read_text())
+    assert manifest["programs"]["out.ep.pt2"]["dynamic"] == ["batch"]
