@@ -47,7 +47,8 @@ def export_program(net: MammothBackbone, mode: str, input_shape: Tuple[int, ...]
     """`torch.export.export` of `mode`'s head (eval). With `batch`, that batch size is fixed
     (what AOTInductor compiles fastest code for); otherwise it is dynamic, 1..MAX_BATCH."""
     head = make_head(net, mode, preprocess)
-    example = torch.randn(batch or EXAMPLE_BATCH, *input_shape, device=device)
+    # seeded: the program file stores its example input, and exports are byte-reproducible
+    example = torch.randn(batch or EXAMPLE_BATCH, *input_shape, generator=torch.Generator().manual_seed(0)).to(device)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # deprecation chatter from inside torch.export
         return torch.export.export(head, (example,), dynamic_shapes=dynamic_shapes(net, batch),
@@ -55,7 +56,12 @@ def export_program(net: MammothBackbone, mode: str, input_shape: Tuple[int, ...]
 
 
 def program_bytes(program: torch.export.ExportedProgram) -> bytes:
-    """`torch.export.save` into memory (the archive is byte-reproducible for one program)."""
+    """`torch.export.save` into memory: byte-reproducible, without the stack traces of the
+    tracing (they name the build machine's source paths; the graph does not need them)."""
+    for module in program.graph_module.modules():
+        if isinstance(module, torch.fx.GraphModule):
+            for node in module.graph.nodes:
+                node.meta.pop("stack_trace", None)
     buffer = io.BytesIO()
     torch.export.save(program, buffer)
     return buffer.getvalue()

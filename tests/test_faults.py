@@ -150,7 +150,7 @@ def test_failed_verification_changes_nothing(old_set, tmp_path, capsys, monkeypa
     def bad_verify(path, names, inputs, expected, device):
         return {n: {"max_abs": 1.0, "max_rel": 1.0, "ok": False} for n in names}
 
-    monkeypatch.setattr(core, "verify_onnx", bad_verify)
+    monkeypatch.setitem(core.VERIFIERS, "onnx", bad_verify)
     code = main([*NEW, "--out", str(tmp_path)])
     err = capsys.readouterr().err
     assert code == 1 and "FAILED out.onnx: logits differ from eager" in err
@@ -212,7 +212,7 @@ def _mount_tmpfs(path: Path, size: str) -> bool:
 
 def test_full_disk_is_one_line_and_keeps_the_previous_set(tmp_path, capsys, monkeypatch):
     disk = tmp_path / "disk"
-    mounted = _mount_tmpfs(disk, "400k")
+    mounted = _mount_tmpfs(disk, "1m")
     try:
         small = ["mnistmlp", "--mlp_hidden_size", "4", "--name", "m", "--out", str(disk)]
         assert main(small) == 0

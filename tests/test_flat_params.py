@@ -180,4 +180,8 @@ def test_params_cli(name, export, tmp_path, capsys):
                  "--manifest", str(result.directory / "manifest.json")]) == 0
     assert torch.equal(read_onnx_params(tmp_path / "h.onnx", result.manifest), net.get_params() * 0.5)
     assert main(["params", "read", str(tmp_path / "half.pt")]) == 2
+    assert "expected an exported .onnx, .ep.pt2 or .aoti.pt2 file" in capsys.readouterr().err
+    (tmp_path / "junk.onnx").write_bytes(b"junk")
+    assert main(["params", "read", str(tmp_path / "junk.onnx"),
+                 "--manifest", str(result.directory / "manifest.json")]) == 2
     assert "not an ONNX model" in capsys.readouterr().err
