@@ -12,7 +12,9 @@ ARGS ?=
 OUT ?= artifacts
 PYTEST_ARGS ?=
 
-.PHONY: install test lint export export-all bench clean help
+AOTI_BATCH ?= dynamic
+
+.PHONY: install test lint export export-aoti export-all bench clean help
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*##/\t/'
@@ -34,10 +36,14 @@ lint: $(STAMP)  ## ruff (configured in pyproject.toml); CI runs it
 export: $(STAMP)  ## export one backbone: make export BACKBONE=resnet [ARGS="--depth 34"]
 	$(PY) -m export $(BACKBONE) --example-args --out $(OUT) $(ARGS)
 
+export-aoti: $(STAMP)  ## export with AOTInductor packages too: make export-aoti BACKBONE=resnet [AOTI_BATCH=dynamic,1]
+	$(PY) -m export $(BACKBONE) --example-args --out $(OUT) --formats torchscript,onnx,exported,aoti \
+		--aoti-batch $(AOTI_BATCH) $(ARGS)
+
 export-all: $(STAMP)  ## export every registered backbone
 	$(PY) -m export --all --out $(OUT) $(ARGS)
 
-bench: $(STAMP)  ## benchmark eager vs TorchScript vs onnxruntime
+bench: $(STAMP)  ## benchmark eager vs TorchScript vs onnxruntime vs AOTInductor
 	$(PY) -m export bench $(ARGS)
 
 clean:  ## remove artifacts and caches (keeps .venv)

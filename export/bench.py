@@ -1,4 +1,5 @@
-"""`python -m export bench` (`make bench`): eager vs TorchScript vs onnxruntime fp32/int8.
+"""`python -m export bench` (`make bench`): eager vs TorchScript vs onnxruntime fp32/int8 vs
+AOTInductor.
 
 For one backbone (default CIFAR ResNet-18, 64 filters) at batch sizes 1, 8, 64: median and p90
 latency, images/s, GFLOP/s (FLOPs counted by torch.utils.flop_counter) and the share of this
@@ -134,7 +135,8 @@ def digits_accuracy(backbone: str, kwargs: Dict[str, Any], input_shape: Sequence
 def build_runtimes(net: torch.nn.Module, directory: Path, shape: Sequence[int], threads: int,
                    log) -> Dict[str, Callable[[np.ndarray, torch.Tensor], Any]]:
     """Every runtime of the exported 'out' mode as `f(numpy_input, torch_input)`: eager, frozen
-    TorchScript, ORT fp32, ORT int8 (quantized here) and OpenVINO where installed."""
+    TorchScript, ORT fp32, ORT int8 (quantized here), the AOTInductor packages where built
+    (any batch; one per batch size) and OpenVINO where installed."""
     onnx_path = directory / artifact_name("out", "onnx")
     int8_path = directory / artifact_name("out", "int8")
     quantize_model(onnx_path, int8_path, builtin_calibration(shape, 32))
@@ -148,6 +150,8 @@ def build_runtimes(net: torch.nn.Module, directory: Path, shape: Sequence[int], 
         "ort-fp32": lambda a, t: fp32_session.run(None, {"x": a}),
         "ort-int8": lambda a, t: int8_session.run(None, {"x": a}),
     }
+    aoti = _aoti_runtimes(directory)
+    runtimes.update(aoti)
     try:
         import openvino as ov
 
@@ -156,6 +160,26 @@ def build_runtimes(net: torch.nn.Module, directory: Path, shape: Sequence[int], 
     except ImportError:
         log("openvino not installed (pip install '.[openvino]'): skipped")
     return runtimes
+
+
+def _aoti_runtimes(directory: Path) -> Dict[str, Callable[[np.ndarray, torch.Tensor], Any]]:
+    """'aoti' (the any-batch package) and 'aoti-per-batch' (the package compiled for each batch
+    size), through the aoti engine."""
+    from export.manifest import read_manifest
+    from export.runtime import load
+
+    programs = read_manifest(directory).get("programs") or {}
+    batches = {info["batch"] for info in programs.values() if info["format"] == "aoti" and info["mode"] == "out"}
+    if not batches:
+        return {}
+    engine = load(directory, engine="aoti")
+    found: Dict[str, Callable[[np.ndarray, torch.Tensor], Any]] = {}
+    if None in batches:
+        dynamic = engine._package(engine.packages["out"][None])
+        found["aoti"] = lambda a, t: dynamic(t)
+    if batches - {None}:
+        found["aoti-per-batch"] = lambda a, t: engine._callable("out", t.shape[0])(t)
+    return found
 
 
 def measure(runtimes: Dict[str, Callable[[np.ndarray, torch.Tensor], Any]], shape: Sequence[int],
@@ -196,6 +220,8 @@ def run_bench(argv: Sequence[str]) -> int:
     parser.add_argument("--train-seconds", type=float, default=8.0,
                         help="training time of the digits model (0 skips the accuracy check)")
     parser.add_argument("--json", type=Path, help="also write the results as JSON here")
+    parser.add_argument("--no-aoti", dest="aoti", action="store_false",
+                        help="skip the AOTInductor packages (compiling them takes ~1 min)")
     args = parser.parse_args(argv)
     entry = get_entry(args.backbone)
     kwargs: Dict[str, Any] = {"num_filters": 64} if entry.name == "resnet18" else {}
@@ -215,7 +241,13 @@ def run_bench(argv: Sequence[str]) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         log(f"exporting {entry.name} {kwargs} ...")
-        result = export_backbone(net, tmp / "bench", modes=["out"])
+        formats = ["torchscript", "onnx", "exported"] + (["aoti"] if args.aoti else [])
+        if args.aoti:
+            log(f"compiling AOTInductor packages (any batch, and batch {', '.join(map(str, batches))}) ...")
+        result = export_backbone(net, tmp / "bench", modes=["out"], formats=formats,
+                                 aoti_batches=[None, *batches])
+        compile_seconds = {name: info["seconds"] for name, info in result.manifest["programs"].items()
+                           if info["format"] == "aoti"}
         runtimes = build_runtimes(net, result.directory, shape, args.threads, log)
         log("measuring the fp32 matmul peak ...")
         peak = matmul_peak(args.threads)
@@ -226,7 +258,7 @@ def run_bench(argv: Sequence[str]) -> int:
                                        args.train_seconds, log)
     report = {"backbone": entry.name, "args": kwargs, "input_shape": list(shape),
               "threads": args.threads, "flops_per_image": flops, "matmul_peak_gflops": peak,
-              "results": rows, "int8_accuracy_digits": accuracy,
+              "results": rows, "int8_accuracy_digits": accuracy, "aoti_compile_seconds": compile_seconds,
               "versions": result.manifest["versions"]}
     print(format_report(report))
     if args.json:
@@ -249,6 +281,9 @@ def format_report(report: Dict[str, Any]) -> str:
                      f"{eager['median_ms'] / r['median_ms']:.2f}x"])
     lines.append(format_table(["runtime", "batch", "median ms", "p90 ms", "images/s", "GFLOP/s",
                          "of peak", "vs eager"], rows))
+    if report.get("aoti_compile_seconds"):
+        lines.append("AOTInductor compile seconds: " + ", ".join(
+            f"{k} {v:.1f}" for k, v in sorted(report["aoti_compile_seconds"].items())))
     acc = report.get("int8_accuracy_digits")
     if acc:
         lines.append(f"int8 on a trained model (sklearn digits, {acc['test_samples']} test images): "

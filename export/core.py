@@ -304,15 +304,23 @@ def _write_verified_set(net: MammothBackbone, out_dir: Path, modes: Sequence[str
         expected = {m: eager_outputs(net, m, inputs, device, preprocess) for m in modes}
 
     def check(fmt: str, key: str, path: Path, names: List[str], ins, want) -> None:
+        if fmt == "aoti":  # verified together, in a fresh process, once all are compiled
+            aoti_jobs.append((key, path, names, ins, want))
+            return
         with timed(f"{fmt}_verify"):
             result = VERIFIERS[fmt](path, names, ins, want, device)
+        record(fmt, key, path, result)
+
+    def record(fmt: str, key: str, path: Path, result: Dict[str, Any]) -> None:
         verification[fmt][key] = result
         bad = [n for n, s in result.items() if not s["ok"]]
+        errors = sorted({s["error"] for s in result.values() if "error" in s})
         if bad:
             failures.append(f"{path.name}: {', '.join(bad)} differ from eager beyond "
-                            f"{ATOL:g}*max|eager| + {RTOL:g}*|eager|")
+                            f"{ATOL:g}*max|eager| + {RTOL:g}*|eager|" + (f" ({errors[0]})" if errors else ""))
         files[path.name] = file_entry(path)
 
+    aoti_jobs: List[tuple] = []
     for fmt in formats:
         for mode in modes:
             if fmt == "aoti":
@@ -333,6 +341,14 @@ def _write_verified_set(net: MammothBackbone, out_dir: Path, modes: Sequence[str
                     program_info[path.name] = {"format": fmt, "mode": mode, "batch": None,
                                                "dynamic": dynamic_dims(net)}
             check(fmt, mode, path, outputs[mode], inputs, expected[mode])
+
+    if aoti_jobs:
+        from export.verify import verify_aoti_fresh
+
+        with timed("aoti_verify"):
+            results = verify_aoti_fresh([job[1:] for job in aoti_jobs], device)
+        for (key, path, *_), result in zip(aoti_jobs, results):
+            record("aoti", key, path, result)
 
     entries = _output_entries(net, shape, device)
     manifest = {

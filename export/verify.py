@@ -156,6 +156,47 @@ def verify_onnx(path: Path, names: List[str], inputs, expected, device: str) -> 
     return compare(lambda x: session.run(names, {"x": x.numpy()}), names, inputs, expected)
 
 
+_FRESH_AOTI = """
+import os, sys, torch
+os.environ.setdefault("AOTI_RUNTIME_CHECK_INPUTS", "1")
+jobs = torch.load(sys.argv[1], weights_only=True)
+results = []
+for path, inputs in jobs:
+    model = torch._inductor.aoti_load_package(path)
+    outs = []
+    for x in inputs:
+        out = model(x)
+        outs.append([out] if isinstance(out, torch.Tensor) else list(out))
+    results.append(outs)
+torch.save(results, sys.argv[2])
+"""
+
+
+def verify_aoti_fresh(jobs: List[tuple], device: str) -> List[Dict[str, dict]]:
+    """Verify AOTInductor packages in a fresh Python (`-I`: no zoo, no state of the process that
+    compiled them): jobs of (path, output names, inputs, expected), one child for all."""
+    import subprocess
+    import sys
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="aoti-verify-") as tmp:
+        request, reply = Path(tmp) / "jobs.pt", Path(tmp) / "outputs.pt"
+        torch.save([(str(path), [x.to(device) for x in inputs]) for path, _, inputs, _ in jobs], request)
+        proc = subprocess.run([sys.executable, "-I", "-c", _FRESH_AOTI, str(request), str(reply)],
+                              capture_output=True, text=True)
+        if proc.returncode != 0:
+            last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+            return [{n: {"max_abs": float("inf"), "max_rel": float("inf"), "ok": False,
+                         "error": f"fresh process failed: {last[:200]}"} for n in names}
+                    for _, names, _, _ in jobs]
+        outputs = torch.load(reply, weights_only=True)
+    results = []
+    for (_, names, inputs, expected), outs in zip(jobs, outputs):
+        replies = iter(outs)
+        results.append(compare(lambda x, r=replies: next(r), names, inputs, expected))
+    return results
+
+
 #: how each format's file is loaded and compared with eager
 VERIFIERS = {"torchscript": verify_torchscript, "onnx": verify_onnx, "exported": verify_program,
              "aoti": verify_aoti}

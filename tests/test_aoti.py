@@ -227,3 +227,13 @@ def test_aoti_params_are_not_a_silent_no_op():
 
     with pytest.raises(ParamsError, match="cannot be replaced; re-export"):
         refuse_frozen("out.aoti.pt2", {"weights_replaceable": False})
+
+
+def test_bench_has_aoti_rows(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    assert main(["bench", "--backbone", "mnistmlp", "--batches", "2", "--seconds", "0.05",
+                 "--train-seconds", "0", "--threads", "1", "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert {"aoti", "aoti-per-batch", "ort-fp32"} <= {r["runtime"] for r in report["results"]}
+    assert set(report["aoti_compile_seconds"]) == {"out.aoti.pt2", "out.aoti.b2.pt2"}
+    assert "AOTInductor compile seconds" in capsys.readouterr().out

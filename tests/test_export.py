@@ -10,9 +10,8 @@ import torch
 
 from export.core import DEFAULT_FORMATS
 from export.manifest import artifact_name
-from export.program_export import load_program
 from export.verify import as_list, load_torchscript, ort_session
-from tests.conftest import assert_within_bound, backbone_params
+from tests.conftest import assert_within_bound, backbone_params, cached_program
 from zoo import RETURNT_MODES
 
 BACKBONES = backbone_params()
@@ -81,7 +80,7 @@ def _raw_loader(fmt: str, path, names):
     if fmt == "onnx":
         session = ort_session(path)
         return lambda x: session.run(names, {"x": x.numpy()})
-    module = load_torchscript(path) if fmt == "torchscript" else load_program(path).module()
+    module = load_torchscript(path) if fmt == "torchscript" else cached_program(path).module()
     return lambda x: [t.numpy() for t in as_list(module(x))]
 
 
@@ -161,7 +160,7 @@ def test_one_changed_weight_fails_program_verification(name, export, tmp_path):
     expected = eager_outputs(net, "full", inputs, "cpu")
     source = result.directory / "full.ep.pt2"
     assert all(s["ok"] for s in verify_program(source, names, inputs, expected, "cpu").values())
-    program = load_program(source)
+    program = cached_program(source)
     used = used_parameters(program)
     entry = next(e for e in manifest["flat_params"]["layout"] if set(e["program_names"]) & used)
     with torch.no_grad():
