@@ -1,11 +1,15 @@
-"""`python -m export bench` (`make bench`): eager vs TorchScript vs onnxruntime fp32/int8 vs
-AOTInductor.
+"""`python -m export bench` (`make bench`): every engine x precision on one backbone.
 
-For one backbone (default CIFAR ResNet-18, 64 filters) at batch sizes 1, 8, 64: median and p90
-latency, images/s, GFLOP/s (FLOPs counted by torch.utils.flop_counter) and the share of this
-machine's fp32 peak (the best large matmul in torch and in onnxruntime, measured in the same
-run). Then accuracy of int8 against fp32 on a model trained for a few seconds on scikit-learn's
-digits (shipped with the package, no download).
+Eager, TorchScript (frozen), onnxruntime fp32/int8, OpenVINO fp32/bf16/int8 and AOTInductor
+(any-batch and per-batch packages) at batch sizes 1, 8, 64 (default CIFAR ResNet-18, 64
+filters): latency, images/s, ratio to onnxruntime fp32, GFLOP/s (FLOPs counted by
+torch.utils.flop_counter) and the share of this machine's fp32 peak (the best large matmul in
+torch and in onnxruntime, measured in the same run). Each runtime is timed in blocks over
+several interleaved rounds (a runtime's threads still spinning distort the next one, and the
+machine's speed drifts), reported as the median over rounds with the spread between them.
+Then the accuracy of every engine x precision on the same backbone trained briefly on
+scikit-learn's digits (shipped with the package, no download), int8 calibrated on its real
+training images. Writes JSON and a PNG plot when asked.
 """
 
 import argparse
@@ -23,8 +27,9 @@ import torch
 
 from export.atomic import atomic_write_bytes
 from export.core import export_backbone
+from export.errors import ExportError
 from export.manifest import artifact_name
-from export.quantize import builtin_calibration, quantize_model
+from export.quantize import builtin_calibration, quantize_directory
 from export.tables import format_table
 from export.torchscript_export import jit_deprecations_silenced, load_torchscript
 from export.verify import ort_session
@@ -84,9 +89,9 @@ def _matmul_gflops(threads: int, n: int, seconds: float) -> Dict[str, float]:
     return {"torch_gflops": flops / torch_best / 1e9, "onnxruntime_gflops": flops / ort_best / 1e9}
 
 
-def digits_accuracy(backbone: str, kwargs: Dict[str, Any], input_shape: Sequence[int],
-                    workdir: Path, train_seconds: float, log) -> Dict[str, Any]:
-    """Train briefly on sklearn's digits, then compare fp32 and int8 ONNX on the held-out split."""
+def digits_data(input_shape: Sequence[int]):
+    """scikit-learn's 8x8 digits at the backbone's input size, normalised; a stratified
+    3:1 train/test split."""
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
 
@@ -97,14 +102,24 @@ def digits_accuracy(backbone: str, kwargs: Dict[str, Any], input_shape: Sequence
                                              align_corners=False).repeat(1, c, 1, 1)
     images = (images - images.mean()) / images.std()
     labels = torch.tensor(digits.target)
-    x_tr, x_te, y_tr, y_te = train_test_split(images, labels, test_size=0.25, random_state=0,
-                                              stratify=labels)
+    return train_test_split(images, labels, test_size=0.25, random_state=0, stratify=labels)
+
+
+def digits_accuracy(backbone: str, kwargs: Dict[str, Any], input_shape: Sequence[int],
+                    workdir: Path, train_seconds: float, log) -> Dict[str, Any]:
+    """Train `backbone` briefly on digits, export it, quantize it on its real training images,
+    then top-1 of every engine x precision on the held-out split (export.accuracy)."""
+    from export.accuracy import measure_accuracy
+
+    x_tr, x_te, y_tr, y_te = digits_data(input_shape)
     torch.manual_seed(0)
-    net = REGISTRY.build(backbone, **kwargs)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        net = REGISTRY.build(backbone, **kwargs)
     net.train()
     opt = torch.optim.Adam(net.parameters(), lr=2e-3)
     start, epochs = time.perf_counter(), 0
-    while time.perf_counter() - start < train_seconds:
+    while time.perf_counter() - start < train_seconds or epochs == 0:
         perm = torch.randperm(len(x_tr))
         for i in range(0, len(perm), 64):
             idx = perm[i:i + 64]
@@ -113,52 +128,45 @@ def digits_accuracy(backbone: str, kwargs: Dict[str, Any], input_shape: Sequence
             opt.step()
         epochs += 1
     net.eval()
-    result = export_backbone(net, workdir / "digits", modes=["out"], formats=["onnx"],
+    trained = time.perf_counter() - start
+    log(f"digits: trained {epochs} epoch(s) in {trained:.0f} s; exporting and quantizing ...")
+    result = export_backbone(net, workdir / "digits", modes=["out"], formats=["torchscript", "onnx"],
                              input_shape=tuple(input_shape))
-    fp32_path = result.directory / artifact_name("out", "onnx")
-    int8_path = result.directory / artifact_name("out", "int8")
-    quantize_model(fp32_path, int8_path, x_tr[:256].numpy())
-    fp32 = ort_session(fp32_path).run(None, {"x": x_te.numpy()})[0]
-    int8 = ort_session(int8_path).run(None, {"x": x_te.numpy()})[0]
-    y = y_te.numpy()
-    out = {"train_seconds": round(time.perf_counter() - start, 1), "epochs": epochs,
-           "test_samples": int(len(y)),
-           "fp32_accuracy": float((fp32.argmax(1) == y).mean()),
-           "int8_accuracy": float((int8.argmax(1) == y).mean()),
-           "top1_agreement": float((fp32.argmax(1) == int8.argmax(1)).mean()),
-           "max_logit_error": float(np.abs(fp32 - int8).max())}
-    log(f"digits: fp32 {out['fp32_accuracy']:.3f}, int8 {out['int8_accuracy']:.3f}, "
-        f"agreement {out['top1_agreement']:.3f} after {epochs} epochs")
-    return out
+    quantize_directory(result.directory, x_tr.numpy(), ["out"], samples=256)
+    report = measure_accuracy(result.directory, x_te.numpy(), y_te.numpy(), log=log)
+    report.update({"train_seconds": round(trained, 1), "epochs": epochs, "calibration": "256 digits training images"})
+    return report
 
 
 def build_runtimes(net: torch.nn.Module, directory: Path, shape: Sequence[int], threads: int,
                    log) -> Dict[str, Callable[[np.ndarray, torch.Tensor], Any]]:
     """Every runtime of the exported 'out' mode as `f(numpy_input, torch_input)`: eager, frozen
-    TorchScript, ORT fp32, ORT int8 (quantized here), the AOTInductor packages where built
-    (any batch; one per batch size) and OpenVINO where installed."""
-    onnx_path = directory / artifact_name("out", "onnx")
-    int8_path = directory / artifact_name("out", "int8")
-    quantize_model(onnx_path, int8_path, builtin_calibration(shape, 32))
+    TorchScript, onnxruntime fp32/int8, OpenVINO fp32/bf16/int8 where installed (bf16 where the
+    CPU has it), the AOTInductor packages where built (any batch; one per batch size). int8 is
+    calibrated on random inputs here: this model has random weights, and only speed is timed."""
+    from export.accuracy import available_pairs
+    from export.runtime import load
+
+    quantize_directory(directory, builtin_calibration(shape, 32), ["out"])
     with jit_deprecations_silenced():  # still what TorchScript users run
         frozen = torch.jit.freeze(load_torchscript(directory / artifact_name("out", "torchscript")).eval())
-    fp32_session = ort_session(onnx_path, threads=threads)
-    int8_session = ort_session(int8_path, threads=threads)
     runtimes: Dict[str, Callable[[np.ndarray, torch.Tensor], Any]] = {
         "eager": lambda a, t: net(t),
         "torchscript-frozen": lambda a, t: frozen(t),
-        "ort-fp32": lambda a, t: fp32_session.run(None, {"x": a}),
-        "ort-int8": lambda a, t: int8_session.run(None, {"x": a}),
     }
-    aoti = _aoti_runtimes(directory)
-    runtimes.update(aoti)
-    try:
-        import openvino as ov
-
-        compiled = ov.Core().compile_model(str(onnx_path), "CPU", {"INFERENCE_NUM_THREADS": threads})
-        runtimes["openvino-fp32"] = lambda a, t: compiled(a)
-    except ImportError:
-        log("openvino not installed (pip install '.[openvino]'): skipped")
+    pairs = available_pairs(directory)
+    for engine, precision in pairs:
+        if engine not in ("onnxruntime", "openvino"):
+            continue
+        session = load(directory, engine=engine, precision=precision, threads=threads).session("out")
+        name = f"{'ort' if engine == 'onnxruntime' else engine}-{precision}"
+        if engine == "onnxruntime":
+            runtimes[name] = lambda a, t, s=session: s.run(None, {"x": a})
+        else:
+            runtimes[name] = lambda a, t, s=session: s({"x": a})
+    if not any(e == "openvino" for e, _ in pairs):
+        log("openvino not installed (make install installs it): its rows are skipped")
+    runtimes.update(_aoti_runtimes(directory))
     return runtimes
 
 
@@ -183,29 +191,87 @@ def _aoti_runtimes(directory: Path) -> Dict[str, Callable[[np.ndarray, torch.Ten
 
 
 def measure(runtimes: Dict[str, Callable[[np.ndarray, torch.Tensor], Any]], shape: Sequence[int],
-            batches: Sequence[int], seconds: float, flops: float, best_peak: float) -> List[Dict[str, Any]]:
-    """Median and p90 latency of every runtime at every batch size, with throughput and the
-    share of the measured fp32 peak."""
+            batches: Sequence[int], seconds: float, flops: float, best_peak: float,
+            rounds: int = 5) -> List[Dict[str, Any]]:
+    """Latency of every runtime at every batch size: `rounds` rounds, each timing every runtime
+    in one block of seconds/rounds (order rotated per round); median over the rounds' medians,
+    spread = (slowest - fastest round) / median."""
     from tqdm import tqdm
 
-    rows: List[Dict[str, Any]] = []
-    jobs = [(b, r) for b in batches for r in runtimes]
-    for batch, name in (bar := tqdm(jobs, desc="bench", file=sys.stderr)):
-        bar.set_postfix_str(f"{name} batch {batch}")
-        x = np.random.default_rng(batch).standard_normal((batch, *shape)).astype(np.float32)
+    names = list(runtimes)
+    inputs = {b: np.random.default_rng(b).standard_normal((b, *shape)).astype(np.float32) for b in batches}
+    per_round: Dict[tuple, List[float]] = {(n, b): [] for n in names for b in batches}
+    all_times: Dict[tuple, List[float]] = {(n, b): [] for n in names for b in batches}
+    jobs = [(r, b, i) for r in range(rounds) for b in batches for i in range(len(names))]
+    for r, batch, i in (bar := tqdm(jobs, desc="bench", file=sys.stderr)):
+        name = names[(i + r) % len(names)]
+        bar.set_postfix_str(f"round {r + 1}/{rounds} {name} batch {batch}")
+        x = inputs[batch]
         xt = torch.from_numpy(x)
         with torch.no_grad():
-            times = time_call(lambda fn=runtimes[name], a=x, t=xt: fn(a, t), seconds)
-        median = statistics.median(times)
-        gflops = flops * batch / median / 1e9
-        rows.append({"runtime": name, "batch": batch, "runs": len(times), "median_ms": median * 1e3,
-                     "p90_ms": float(np.percentile(times, 90)) * 1e3, "images_per_s": batch / median,
-                     "gflops": gflops, "peak_percent": 100 * gflops / best_peak})
+            times = time_call(lambda fn=runtimes[name], a=x, t=xt: fn(a, t), seconds / rounds,
+                              warmup=3 if r == 0 else 1, min_runs=3)
+        per_round[name, batch].append(statistics.median(times))
+        all_times[name, batch].extend(times)
+    rows: List[Dict[str, Any]] = []
+    for batch in batches:
+        for name in names:
+            medians = per_round[name, batch]
+            median = statistics.median(medians)
+            gflops = flops * batch / median / 1e9
+            rows.append({"runtime": name, "batch": batch, "runs": len(all_times[name, batch]),
+                         "rounds": rounds, "median_ms": median * 1e3,
+                         "spread": (max(medians) - min(medians)) / median,
+                         "p90_ms": float(np.percentile(all_times[name, batch], 90)) * 1e3,
+                         "images_per_s": batch / median, "gflops": gflops,
+                         "peak_percent": 100 * gflops / best_peak})
     return rows
 
 
+def plot(report: Dict[str, Any], path: Path) -> None:
+    """images/s per runtime and batch size, one group of bars per batch size (log scale)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = report["results"]
+    batches = sorted({r["batch"] for r in rows})
+    names = list(dict.fromkeys(r["runtime"] for r in rows))
+    by_key = {(r["runtime"], r["batch"]): r for r in rows}
+    fig, ax = plt.subplots(figsize=(10, 4.5), dpi=100)
+    width = 0.8 / len(names)
+    for i, name in enumerate(names):
+        xs = [j + (i - (len(names) - 1) / 2) * width for j in range(len(batches))]
+        ax.bar(xs, [by_key[name, b]["images_per_s"] for b in batches], width, label=name)
+    ax.set_xticks(range(len(batches)), [f"batch {b}" for b in batches])
+    ax.set_yscale("log")
+    ax.set_ylabel("images / s (median over rounds)")
+    ax.set_title(f"{report['backbone']} {report['args']}, {report['threads']} threads "
+                 f"({report['cpu']})")
+    ax.legend(ncol=3, fontsize=8)
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    data = __import__("io").BytesIO()
+    fig.savefig(data, format="png", metadata={"Software": None})
+    plt.close(fig)
+    atomic_write_bytes(path, data.getvalue())
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or "unknown CPU"
+
+
 def run_bench(argv: Sequence[str]) -> int:
-    """`python -m export bench`: build, export, measure, check int8 accuracy, report."""
+    """`python -m export bench`: build, export, measure, check accuracy, report."""
     from tqdm import tqdm
 
     parser = argparse.ArgumentParser(prog="python -m export bench", description=__doc__.split("\n\n")[0])
@@ -215,11 +281,13 @@ def run_bench(argv: Sequence[str]) -> int:
     parser.add_argument("--batches", default="1,8,64", help="batch sizes (default: %(default)s)")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(),
                         help="threads for every runtime (default: all cores, %(default)s)")
-    parser.add_argument("--seconds", type=float, default=2.0,
-                        help="measuring time per runtime and batch (default: %(default)s)")
-    parser.add_argument("--train-seconds", type=float, default=8.0,
-                        help="training time of the digits model (0 skips the accuracy check)")
+    parser.add_argument("--seconds", type=float, default=3.0,
+                        help="measuring time per runtime and batch, over all rounds (default: %(default)s)")
+    parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds (default: %(default)s)")
+    parser.add_argument("--train-seconds", type=float, default=60.0,
+                        help="training time of the digits model (0 skips the accuracy table)")
     parser.add_argument("--json", type=Path, help="also write the results as JSON here")
+    parser.add_argument("--plot", type=Path, help="also plot images/s per runtime and batch size (PNG)")
     parser.add_argument("--no-aoti", dest="aoti", action="store_false",
                         help="skip the AOTInductor packages (compiling them takes ~1 min)")
     args = parser.parse_args(argv)
@@ -228,7 +296,12 @@ def run_bench(argv: Sequence[str]) -> int:
     for item in args.arg:
         key, _, value = item.partition("=")
         kwargs[key] = entry.arg(key).convert(value)
-    batches = [int(b) for b in args.batches.split(",")]
+    try:
+        batches = [int(b) for b in args.batches.split(",")]
+    except ValueError:
+        raise ExportError(f"--batches {args.batches!r}: expected comma-separated sizes, e.g. 1,8,64") from None
+    if min(batches) < 1 or args.rounds < 1 or args.seconds <= 0 or args.threads < 1:
+        raise ExportError("--batches, --rounds, --threads must be >= 1 and --seconds > 0")
     torch.set_num_threads(args.threads)
     log = lambda msg: tqdm.write(msg, file=sys.stderr)  # noqa: E731
 
@@ -251,43 +324,46 @@ def run_bench(argv: Sequence[str]) -> int:
         runtimes = build_runtimes(net, result.directory, shape, args.threads, log)
         log("measuring the fp32 matmul peak ...")
         peak = matmul_peak(args.threads)
-        rows = measure(runtimes, shape, batches, args.seconds, flops, max(peak.values()))
+        rows = measure(runtimes, shape, batches, args.seconds, flops, max(peak.values()), args.rounds)
         accuracy = None
         if args.train_seconds > 0:
-            accuracy = digits_accuracy("resnet18", {"num_filters": 16}, (3, 32, 32), tmp,
-                                       args.train_seconds, log)
-    report = {"backbone": entry.name, "args": kwargs, "input_shape": list(shape),
+            accuracy = digits_accuracy(entry.name, kwargs, shape, tmp, args.train_seconds, log)
+    report = {"backbone": entry.name, "args": kwargs, "input_shape": list(shape), "cpu": cpu_name(),
               "threads": args.threads, "flops_per_image": flops, "matmul_peak_gflops": peak,
-              "results": rows, "int8_accuracy_digits": accuracy, "aoti_compile_seconds": compile_seconds,
+              "results": rows, "accuracy_digits": accuracy, "aoti_compile_seconds": compile_seconds,
               "versions": result.manifest["versions"]}
     print(format_report(report))
     if args.json:
         atomic_write_bytes(args.json, (json.dumps(report, indent=2) + "\n").encode())
+    if args.plot:
+        plot(report, args.plot)
     return 0
 
 
 def format_report(report: Dict[str, Any]) -> str:
     peak = report["matmul_peak_gflops"]
     lines = [f"{report['backbone']} {report['args']} input {report['input_shape']}, "
-             f"{report['flops_per_image'] / 1e9:.3f} GFLOP/image, {report['threads']} threads; "
-             f"fp32 peak: torch {peak['torch_gflops']:.0f}, onnxruntime "
+             f"{report['flops_per_image'] / 1e9:.3f} GFLOP/image, {report['threads']} threads, "
+             f"{report['cpu']}; fp32 peak: torch {peak['torch_gflops']:.0f}, onnxruntime "
              f"{peak['onnxruntime_gflops']:.0f} GFLOP/s"]
     rows = []
     by_key = {(r["runtime"], r["batch"]): r for r in report["results"]}
     for r in report["results"]:
-        eager = by_key[("eager", r["batch"])]
-        rows.append([r["runtime"], r["batch"], f"{r['median_ms']:.2f}", f"{r['p90_ms']:.2f}",
-                     f"{r['images_per_s']:.0f}", f"{r['gflops']:.0f}", f"{r['peak_percent']:.0f}%",
-                     f"{eager['median_ms'] / r['median_ms']:.2f}x"])
-    lines.append(format_table(["runtime", "batch", "median ms", "p90 ms", "images/s", "GFLOP/s",
-                         "of peak", "vs eager"], rows))
+        ref = by_key.get(("ort-fp32", r["batch"]))
+        rows.append([r["runtime"], r["batch"], f"{r['median_ms']:.2f}", f"{100 * r['spread']:.0f}%",
+                     f"{r['p90_ms']:.2f}", f"{r['images_per_s']:.0f}", f"{r['gflops']:.0f}",
+                     f"{r['peak_percent']:.0f}%",
+                     f"{ref['median_ms'] / r['median_ms']:.2f}x" if ref else "-"])
+    lines.append(format_table(["runtime", "batch", "median ms", "spread", "p90 ms", "images/s", "GFLOP/s",
+                               "of peak", "vs ort-fp32"], rows))
     if report.get("aoti_compile_seconds"):
         lines.append("AOTInductor compile seconds: " + ", ".join(
             f"{k} {v:.1f}" for k, v in sorted(report["aoti_compile_seconds"].items())))
-    acc = report.get("int8_accuracy_digits")
+    acc = report.get("accuracy_digits")
     if acc:
-        lines.append(f"int8 on a trained model (sklearn digits, {acc['test_samples']} test images): "
-                     f"fp32 accuracy {acc['fp32_accuracy']:.3f}, int8 {acc['int8_accuracy']:.3f}, "
-                     f"top-1 agreement {acc['top1_agreement']:.3f}, max logit error "
-                     f"{acc['max_logit_error']:.3g}")
+        from export.accuracy import format_accuracy
+
+        lines.append(f"accuracy on a trained model (sklearn digits, {acc['samples']} test images, "
+                     f"{acc['epochs']} epoch(s), int8 calibrated on {acc['calibration']}):")
+        lines.append(format_accuracy(acc))
     return "\n".join(lines)

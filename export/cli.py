@@ -6,7 +6,8 @@ verify and inspect artifacts.
     python -m export --all                             # every registered backbone
     python -m export verify artifacts/resnet           # re-check files and numbers
     python -m export params read|write ...             # flat parameter vectors of ONNX files
-    python -m export quantize artifacts/resnet         # int8 ONNX per mode
+    python -m export quantize artifacts/resnet --calibration inputs.npy   # int8 ONNX per mode
+    python -m export accuracy artifacts/resnet --data x.npy --labels y.npy  # top-1 per engine x precision
     python -m export bench                             # eager vs TorchScript vs onnxruntime
 
 `python -m export BACKBONE --help` lists that backbone's own arguments.
@@ -55,8 +56,8 @@ def _base_parser(add_help: bool) -> argparse.ArgumentParser:
                     "ONNX graph (.onnx), a torch.export program (.ep.pt2) and, on request, an "
                     "AOTInductor package (.aoti.pt2), each verified against eager PyTorch, plus "
                     "manifest.json.",
-        epilog="Subcommands (each with --help): verify DIR, params read|write, quantize DIR, "
-               "bench. "
+        epilog="Subcommands (each with --help): verify DIR, params read|write, quantize DIR "
+               "--calibration DATA, accuracy DIR --data X --labels Y, bench. "
                "Examples: python -m export resnet --depth 18; python -m export resnet18 "
                "--num_filters 32 --modes out,features; python -m export --checkpoint run_last.pt",
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -283,12 +284,13 @@ def run_all(opts) -> int:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    from export.accuracy import run_accuracy
     from export.bench import run_bench
     from export.commands import run_params, run_verify
     from export.quantize import run_quantize
 
     subcommands = {"verify": run_verify, "params": run_params, "quantize": run_quantize,
-                   "bench": run_bench}
+                   "accuracy": run_accuracy, "bench": run_bench}
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         if argv and argv[0] in subcommands:

@@ -278,13 +278,12 @@ def _write_verified_set(net: MammothBackbone, out_dir: Path, modes: Sequence[str
         return _Timer(seconds, key)
 
     if {"exported", "aoti", "onnx"} & set(formats):
-        from export.program_export import export_program
+        from export.program_export import derive_program, export_program
 
-        with timed("torch_export"):
-            for mode in (modes if {"exported", "aoti"} & set(formats) else []) or ["full"]:
-                programs[mode] = export_program(net, mode, shape, device, preprocess)
-            if "onnx" in formats and "full" not in programs:
-                programs["full"] = export_program(net, "full", shape, device, preprocess)
+        with timed("torch_export"):  # one trace; the other modes are the same graph, fewer outputs
+            programs["full"] = export_program(net, "full", shape, device, preprocess)
+            for mode in modes if {"exported", "aoti"} & set(formats) else []:
+                programs[mode] = derive_program(programs["full"], mode, full_names)
 
     if "onnx" in formats:
         from export.onnx_export import ONNX_SINGLE_FILE_LIMIT, export_onnx, runtime_requirements, weights_bytes
@@ -322,12 +321,17 @@ def _write_verified_set(net: MammothBackbone, out_dir: Path, modes: Sequence[str
 
     aoti_jobs: List[tuple] = []
     for fmt in formats:
+        if fmt == "aoti":
+            for batch in aoti_batches:
+                full_program = programs["full"]
+                if batch is not None:  # one trace per batch size, shared by the modes
+                    with timed("torch_export"):
+                        full_program = export_program(net, "full", shape, device, preprocess, batch=batch)
+                for mode in modes:
+                    _write_aoti(net, out_dir, mode, batch, derive_program(full_program, mode, full_names),
+                                shape, device, preprocess, program_info, timed, check, outputs[mode], baked)
+            continue
         for mode in modes:
-            if fmt == "aoti":
-                for batch in aoti_batches:
-                    _write_aoti(net, out_dir, mode, batch, programs[mode], shape, device, preprocess,
-                                program_info, timed, check, outputs[mode], baked)
-                continue
             path = out_dir / artifact_name(mode, fmt)
             with timed(f"{fmt}_write"), atomic_path(path) as tmp:
                 if fmt == "torchscript":
@@ -399,12 +403,9 @@ def _write_aoti(net, out_dir: Path, mode: str, batch: Optional[int], program, sh
     """Compile one AOTInductor package of `mode` (any batch, or `batch` only) and verify it at
     batch sizes it was not traced with (a fixed-batch package: at its own batch)."""
     from export.aoti_export import compile_package, replaceable_weights
-    from export.program_export import dynamic_dims, export_program
+    from export.program_export import dynamic_dims
 
     path = out_dir / aoti_name(mode, batch)
-    if batch is not None:
-        with timed("torch_export"):
-            program = export_program(net, mode, shape, device, preprocess, batch=batch)
     with timed("aoti_compile"):
         data, info = compile_package(program, {"returnt": mode, "batch": str(batch or "dynamic")})
     with atomic_path(path) as tmp:

@@ -6,10 +6,11 @@ dynamic H and W where the backbone takes any size). The `'full'` program is also
 exporter translates, so exporting both formats traces the network once per mode, not twice.
 """
 
+import copy
 import io
 import warnings
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -53,6 +54,37 @@ def export_program(net: MammothBackbone, mode: str, input_shape: Tuple[int, ...]
         warnings.simplefilter("ignore")  # deprecation chatter from inside torch.export
         return torch.export.export(head, (example,), dynamic_shapes=dynamic_shapes(net, batch),
                                    strict=False)
+
+
+def derive_program(full: torch.export.ExportedProgram, mode: str,
+                   output_names: Sequence[str]) -> torch.export.ExportedProgram:
+    """`mode`'s program from the `'full'` head's: the same graph returning fewer outputs (in
+    `mode`'s structure: a tensor, a tuple of two, or the list), dead nodes removed. The same
+    program `torch.export` would trace for `mode`'s head, without tracing the network again."""
+    from torch.export.graph_signature import OutputKind
+    from torch.utils import _pytree as pytree
+
+    from zoo.base import mode_outputs
+
+    if mode == "full":
+        return full
+    picks = [list(output_names).index(n) for n in mode_outputs(list(output_names))[mode]]
+    program = copy.deepcopy(full)
+    graph = program.graph_module.graph
+    output = next(n for n in graph.nodes if n.op == "output")
+    values = list(output.args[0])
+    specs = program.graph_signature.output_specs
+    if len(values) != len(output_names) or any(s.kind != OutputKind.USER_OUTPUT for s in specs):
+        raise RuntimeError(f"the 'full' program has {len(values)} outputs, expected the {len(output_names)} user "
+                           "outputs only; derive the mode's program by exporting its head instead")
+    output.args = (tuple(values[i] for i in picks),)
+    specs[:] = [specs[i] for i in picks]
+    graph.eliminate_dead_code()
+    program.graph_module.recompile()
+    example = torch.empty(0)
+    structure = (example, example) if mode == "both" else example
+    program._module_call_graph[0].signature.out_spec = pytree.tree_flatten(structure)[1]
+    return program
 
 
 def program_bytes(program: torch.export.ExportedProgram) -> bytes:

@@ -1,16 +1,18 @@
 """Int8 ONNX per mode: onnxruntime static quantization, QDQ format, per-channel weights.
 
-`python -m export quantize artifacts/resnet [--calibration inputs.npy]` writes
-`<mode>.int8.onnx` beside each `<mode>.onnx` and records them in the manifest. Calibration uses
-the user's inputs, else a built-in set (seeded standard-normal images: what normalised inputs
-look like to a randomly initialised network; give real data for a trained one).
+`python -m export quantize artifacts/resnet --calibration DATA` writes `<mode>.int8.onnx` beside
+each `<mode>.onnx` and records them, with the calibration used, in the manifest. DATA is real
+inputs of the model: a tensor file ([N, C, H, W] .npy/.pt) or an image folder (DIR/<class>/<image>,
+resized to the input size and normalised with --mean/--std or the manifest's preprocessing).
+`--calibration random` (seeded N(0,1) inputs) is only for models with random weights: the ranges
+it measures say nothing about a trained model's activations.
 """
 
 import argparse
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Dict, Optional, Sequence
+from typing import Any, Dict, Optional, Sequence, Union
 
 import numpy as np
 
@@ -55,22 +57,38 @@ def quantize_model(src: Path, dst: Path, calibration: np.ndarray, batch: int = 8
                             weight_type=QuantType.QInt8)
 
 
-def quantize_directory(directory: Path, calibration: Optional[np.ndarray] = None,
-                       modes: Optional[Sequence[str]] = None, samples: int = 32) -> Dict[str, Any]:
-    """Quantize every exported ONNX mode of `directory`; returns the manifest's new section."""
+#: what `quantize` says when no calibration data is given
+CALIBRATION_HELP = ("int8 needs calibration data: --calibration inputs.npy|inputs.pt ([N, C, H, W] real "
+                    "inputs) or --calibration IMAGE_DIR (DIR/<class>/<image>, with --mean/--std unless "
+                    "the manifest has the normalisation); --calibration random only for random weights")
+
+
+def quantize_directory(directory: Path, calibration: Union[np.ndarray, str, Path, None] = None,
+                       modes: Optional[Sequence[str]] = None, samples: int = 64,
+                       mean: Optional[str] = None, std: Optional[str] = None) -> Dict[str, Any]:
+    """Quantize every exported ONNX mode of `directory`; returns the manifest's new section.
+
+    `calibration`: an array of inputs, a tensor file or image folder, or "random" (seeded
+    N(0,1), explicitly). At most `samples` inputs are used.
+    """
+    from export.datasets import check_inputs, load_inputs
     from export.verify import ort_session
 
+    if calibration is None:
+        raise ExportError(CALIBRATION_HELP)
     directory = Path(directory)
     with DirectoryTransaction(directory, keep_existing=True) as tx:
         staging = tx.staging
         manifest = read_manifest(staging)
         shape = manifest["input"]["shape"][1:]
-        source = "user inputs"
-        if calibration is None:
-            calibration, source = builtin_calibration(shape, samples), f"built-in: {samples} seeded N(0,1) inputs"
-        if tuple(calibration.shape[1:]) != tuple(shape):
-            raise ExportError(f"calibration inputs of shape {list(calibration.shape)} do not fit; "
-                              f"expected [N, {'x'.join(map(str, shape))}]")
+        dynamic_hw = "height" in manifest["input"].get("dynamic", [])
+        if isinstance(calibration, str) and calibration == "random":
+            calibration, source = builtin_calibration(shape, samples), "random: seeded N(0,1) inputs"
+        elif isinstance(calibration, (str, Path)):
+            calibration, _, source = load_inputs(Path(calibration), manifest, mean, std, samples)
+        else:
+            calibration, source = check_inputs(np.asarray(calibration), shape, dynamic_hw, "calibration"), "arrays"
+        calibration = calibration[:samples]
         modes = modes or [m for m in RETURNT_MODES if artifact_name(m, "onnx") in manifest["files"]]
         check_files(staging, manifest, [artifact_name(m, "onnx") for m in modes])
         section = manifest.setdefault("quantized", {})
@@ -86,6 +104,7 @@ def quantize_directory(directory: Path, calibration: Optional[np.ndarray] = None
             section[mode] = {
                 "file": dst.name, "format": "QDQ", "activations": "uint8", "weights": "int8 per-channel",
                 "calibration": source, "calibration_samples": int(len(calibration)),
+                "calibration_random": source.startswith("random"),
                 "max_abs_vs_fp32": {o.name: float(np.abs(a - b).max())
                                     for o, a, b in zip(fp32_session.get_outputs(), int8, fp32)},
                 "seconds": round(seconds, 3),
@@ -97,31 +116,26 @@ def quantize_directory(directory: Path, calibration: Optional[np.ndarray] = None
     return section
 
 
-def load_inputs(path: Path) -> np.ndarray:
-    if path.suffix == ".npy":
-        try:
-            return np.load(path, allow_pickle=False).astype(np.float32)
-        except (OSError, ValueError) as exc:
-            raise ExportError(f"{path}: not a readable .npy array ({str(exc).splitlines()[0]})") from None
-    from zoo.weights import load_file
-
-    return load_file(path).detach().cpu().numpy().astype(np.float32)
-
-
 def run_quantize(argv: Sequence[str]) -> int:
     parser = argparse.ArgumentParser(prog="python -m export quantize",
                                      description=__doc__.split("\n\n")[0])
     parser.add_argument("directory", type=Path, help="an export directory (with manifest.json)")
-    parser.add_argument("--calibration", type=Path,
-                        help="calibration inputs [N, C, H, W] as .npy or a torch tensor .pt")
-    parser.add_argument("--samples", type=int, default=32, help="size of the built-in set")
+    parser.add_argument("--calibration", metavar="DATA",
+                        help="real inputs: [N, C, H, W] .npy/.pt, or an image folder (DIR/<class>/<image>); "
+                             "'random' for seeded N(0,1) inputs (random weights only). Required.")
+    parser.add_argument("--samples", type=int, default=64,
+                        help="calibration inputs used at most (default: %(default)s)")
+    parser.add_argument("--mean", help="normalisation of image-folder inputs, one value per channel "
+                        "(default: the manifest's preprocessing)")
+    parser.add_argument("--std", help="see --mean")
     parser.add_argument("--modes", help="comma-separated modes (default: every exported one)")
     args = parser.parse_args(argv)
     from export.core import parse_list
 
     modes = parse_list(args.modes, RETURNT_MODES, "mode") if args.modes else None
-    calib = load_inputs(args.calibration) if args.calibration else None
-    section = quantize_directory(args.directory, calib, modes, args.samples)
+    if args.samples < 1:
+        raise ExportError(f"--samples {args.samples}: must be at least 1")
+    section = quantize_directory(args.directory, args.calibration, modes, args.samples, args.mean, args.std)
     for info in section.values():
         err = max(info["max_abs_vs_fp32"].values())
         print(f"{args.directory / info['file']}: max |int8-fp32| {err:.3g} ({info['calibration']})")

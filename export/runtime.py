@@ -22,19 +22,22 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-from export.errors import ExportError
+from export.errors import ExportError, ParamsError
 from export.manifest import SHARED_WEIGHTS, artifact_name
 from export.runtime_base import RuntimeBackbone
 from export.verify import OPTIMIZATION_LEVELS, ort_session
 from zoo.base import RETURNT_MODES
 
-#: engine -> the precisions it runs
+#: engine -> the precisions it runs (int8: the `<mode>.int8.onnx` files `quantize` writes)
 ENGINES: Dict[str, Tuple[str, ...]] = {
-    "onnxruntime": ("fp32",),
+    "onnxruntime": ("fp32", "int8"),
+    "openvino": ("fp32", "bf16", "int8"),
     "torchscript": ("fp32",),
     "exported": ("fp32",),
     "aoti": ("fp32",),
 }
+#: the pip extra that installs an engine's package
+ENGINE_EXTRAS = {"openvino": ("openvino", "bench")}
 
 
 def load(directory: Union[str, Path], engine: str = "onnxruntime", precision: str = "fp32",
@@ -43,10 +46,12 @@ def load(directory: Union[str, Path], engine: str = "onnxruntime", precision: st
 
     Args:
         directory: an export directory (manifest.json and the engine's files).
-        engine: onnxruntime (`<mode>.onnx`), torchscript (`<mode>.pt`), exported
+        engine: onnxruntime (`<mode>.onnx`), openvino (the same files, compiled by OpenVINO
+            for the CPU with an explicit precision hint), torchscript (`<mode>.pt`), exported
             (`<mode>.ep.pt2` through `torch.export.load(...).module()`) or aoti
             (`<mode>.aoti.pt2` / `<mode>.aoti.b<N>.pt2`, compiled C++).
-        precision: fp32.
+        precision: fp32; bf16 (openvino, on CPUs with bf16 support); int8 (onnxruntime and
+            openvino, from the files `python -m export quantize` writes).
         threads: intra-op threads (None: torch's thread count).
         device: cpu or cuda.
         verify_hashes: check every file against the manifest's sha256 first.
@@ -57,7 +62,12 @@ def load(directory: Union[str, Path], engine: str = "onnxruntime", precision: st
         pairs = ", ".join(f"{e}+{p}" for e, ps in ENGINES.items() for p in ps)
         raise ExportError(f"engine {engine!r} has no precision {precision!r}; the pairs that exist: {pairs}")
     if engine == "onnxruntime":
-        return OnnxBackbone(directory, threads=threads, device=device, verify_hashes=verify_hashes)
+        return OnnxBackbone(directory, threads=threads, device=device, verify_hashes=verify_hashes,
+                            precision=precision)
+    if engine == "openvino":
+        from export.openvino_runtime import OpenVinoBackbone
+
+        return OpenVinoBackbone(directory, precision=precision, threads=threads, verify_hashes=verify_hashes)
     from export.torch_runtime import TORCH_ENGINES
 
     return TORCH_ENGINES[engine](directory, threads=threads, device=device, verify_hashes=verify_hashes)
@@ -70,7 +80,8 @@ class OnnxBackbone(RuntimeBackbone):
 
     def __init__(self, directory: Union[str, Path], threads: Optional[int] = None,
                  optimization: str = "all", providers: Optional[Sequence[str]] = None,
-                 device: str = "cpu", log_level: int = 3, verify_hashes: bool = True) -> None:
+                 device: str = "cpu", log_level: int = 3, verify_hashes: bool = True,
+                 precision: str = "fp32") -> None:
         """Open the ONNX files of an export directory.
 
         Args:
@@ -83,39 +94,68 @@ class OnnxBackbone(RuntimeBackbone):
                 initializers, kept on purpose, would warn at 2).
             verify_hashes: check every file against the manifest's sha256 before using it.
                 Turn off only for files you know are the ones the manifest describes.
+            precision: fp32 (`<mode>.onnx`) or int8 (`<mode>.int8.onnx`, from `quantize`).
         """
         super().__init__(directory, verify_hashes)
         if optimization not in OPTIMIZATION_LEVELS:
             raise ValueError(f"unknown optimization {optimization!r}; allowed: "
                              f"{', '.join(OPTIMIZATION_LEVELS)}")
-        self._require([m for m in RETURNT_MODES if artifact_name(m, "onnx") in self.manifest["files"]],
-                      "ONNX file", "export with --formats including onnx")
-        # shared weights: the graphs read one external-data file, resolved beside them on disk
-        self.shared_weights = self.manifest.get("onnx_weights") == "shared"
-        self._check_files([artifact_name(m, "onnx") for m in self.modes]
-                          + ([SHARED_WEIGHTS] if self.shared_weights else []))
+        if precision not in ENGINES[self.engine]:
+            raise ExportError(f"engine {self.engine!r} has no precision {precision!r}; it runs: "
+                              f"{', '.join(ENGINES[self.engine])}")
+        self._open_files(precision)
         self.session_args = {"threads": threads, "optimization": optimization, "device": device,
                              "providers": providers, "log_level": log_level}
         self._sessions: Dict[str, Any] = {}
         self._params = None  # a flat vector set with set_params, else the files' own
         self._allow_nonfinite = False
 
+    def _open_files(self, precision: str) -> None:
+        """Choose the files of `precision` and check them against the manifest."""
+        if precision not in ("fp32", "bf16", "int8"):
+            raise ExportError(f"unknown precision {precision!r}; allowed: fp32, bf16, int8")
+        self.precision = precision
+        self.kind = "int8" if precision == "int8" else "onnx"
+        if self.kind == "int8":
+            self._require([m for m in RETURNT_MODES if artifact_name(m, "int8") in self.manifest["files"]],
+                          "int8 ONNX file", f"quantize it first: python -m export quantize {self.directory} "
+                          "--calibration DATA")
+        else:
+            self._require([m for m in RETURNT_MODES if artifact_name(m, "onnx") in self.manifest["files"]],
+                          "ONNX file", "export with --formats including onnx")
+        # shared weights: the graphs read one external-data file, resolved beside them on disk
+        self.shared_weights = self.kind == "onnx" and self.manifest.get("onnx_weights") == "shared"
+        self._check_files([artifact_name(m, self.kind) for m in self.modes]
+                          + ([SHARED_WEIGHTS] if self.shared_weights else []))
+
+    def _refuse_int8(self, what: str) -> None:
+        if self.kind == "int8":
+            raise ParamsError(f"{what}: the int8 files hold quantized weights, not the flat vector; "
+                              "use precision='fp32' (then quantize again for int8)")
+
+    def _source(self, mode: str) -> Any:
+        """What a session of `mode` is made from: the hashed bytes, or the path of a graph with
+        shared weights (checked with its data file at construction), or the graph with a vector
+        given to set_params."""
+        path = self.directory / artifact_name(mode, self.kind)
+        if self._params is not None:
+            from export.flat_params import set_model_params
+
+            model = set_model_params(self._model(mode), self._params, self._layout(), path,
+                                     self._allow_nonfinite)
+            return model.SerializeToString()
+        if self.shared_weights:
+            return path
+        return self._verified_bytes(path.name)
+
+    def _make_session(self, source: Any):
+        return ort_session(source, **self.session_args)
+
     def session(self, mode: str):
         """The (lazily created) onnxruntime session of `mode`."""
         self._check_mode(mode)
         if mode not in self._sessions:
-            path = self.directory / artifact_name(mode, "onnx")
-            if self._params is not None:
-                from export.flat_params import set_model_params
-
-                model = set_model_params(self._model(mode), self._params, self._layout(), path,
-                                         self._allow_nonfinite)
-                source: Any = model.SerializeToString()
-            elif self.shared_weights:
-                source = path  # checked with its data file at construction; ORT reads both
-            else:
-                source = self._verified_bytes(path.name)
-            self._sessions[mode] = ort_session(source, **self.session_args)
+            self._sessions[mode] = self._make_session(self._source(mode))
         return self._sessions[mode]
 
     def _run(self, mode: str, x: np.ndarray) -> List[Any]:
@@ -138,6 +178,7 @@ class OnnxBackbone(RuntimeBackbone):
 
     def get_params(self):
         """The flat parameter vector (eager `parameters()` order) as a torch tensor."""
+        self._refuse_int8("get_params")
         if self._params is not None:
             return self._params.clone()
         from export.flat_params import params_of_model
@@ -151,6 +192,7 @@ class OnnxBackbone(RuntimeBackbone):
         sessions built from this vector)."""
         from export.flat_params import check_params_vector
 
+        self._refuse_int8("set_params")
         check_params_vector(vector, self._layout(), allow_nonfinite)
         self._params = vector.detach().cpu().clone()
         self._allow_nonfinite = allow_nonfinite

@@ -231,7 +231,7 @@ def test_aoti_params_are_not_a_silent_no_op():
 
 def test_bench_has_aoti_rows(tmp_path, capsys):
     out = tmp_path / "bench.json"
-    assert main(["bench", "--backbone", "mnistmlp", "--batches", "2", "--seconds", "0.05",
+    assert main(["bench", "--backbone", "mnistmlp", "--batches", "2", "--seconds", "0.1", "--rounds", "1",
                  "--train-seconds", "0", "--threads", "1", "--json", str(out)]) == 0
     report = json.loads(out.read_text())
     assert {"aoti", "aoti-per-batch", "ort-fp32"} <= {r["runtime"] for r in report["results"]}

@@ -70,7 +70,7 @@ def test_every_engine_takes_a_new_vector(name, engine, export):
 @pytest.mark.parametrize("name", ["resnet18"])
 def test_load_refuses_bad_choices(name, export, tmp_path):
     _, result = export
-    with pytest.raises(ExportError, match="unknown engine 'tensorrt'; allowed: onnxruntime, torchscript"):
+    with pytest.raises(ExportError, match="unknown engine 'tensorrt'; allowed: onnxruntime, openvino, torchscript"):
         load(result.directory, engine="tensorrt")
     pairs = ", ".join(f"{e}+{p}" for e, ps in ENGINES.items() for p in ps)
     with pytest.raises(ExportError, match=re.escape(f"engine 'torchscript' has no precision 'int8'; the pairs "

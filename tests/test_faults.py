@@ -161,7 +161,7 @@ def test_failed_verification_changes_nothing(old_set, tmp_path, capsys, monkeypa
 
 def test_subset_reexport_leaves_no_stale_files(old_set, tmp_path):
     target = fresh_copy(old_set, tmp_path)
-    assert main(["quantize", str(target), "--modes", "out"]) == 0
+    assert main(["quantize", str(target), "--modes", "out", "--calibration", "random"]) == 0
     assert main([*NEW, "--modes", "features", "--formats", "onnx", "--out", str(tmp_path)]) == 0
     assert sorted(p.name for p in target.iterdir()) == ["features.onnx", "manifest.json"]
     assert assert_one_complete_set(target) == 16
@@ -192,7 +192,7 @@ def test_concurrent_export_is_refused_with_the_owner_pid(old_set, tmp_path, caps
         code = main([*NEW, "--out", str(tmp_path)])
         err = capsys.readouterr().err
         assert code == 2 and f"is locked by pid {slow.pid}" in err, err
-        assert main(["quantize", str(target)]) == 2
+        assert main(["quantize", str(target), "--calibration", "random"]) == 2
         assert f"locked by pid {slow.pid}" in capsys.readouterr().err
     finally:
         _, stderr = slow.communicate(timeout=300)

@@ -20,7 +20,8 @@ def test_quantize_directory(name, export, tmp_path, capsys):
     assert main(["quantize", str(d), "--calibration", str(tmp_path / "calib.npy"), "--modes", "out,full"]) == 0
     manifest = json.loads((d / "manifest.json").read_text())
     assert set(manifest["quantized"]) == {"out", "full"}
-    assert manifest["quantized"]["out"]["calibration"] == "user inputs"
+    assert manifest["quantized"]["out"]["calibration"] == "tensors: calib.npy"
+    assert manifest["quantized"]["out"]["calibration_random"] is False
     assert "out.int8.onnx" in manifest["files"] and (d / "out.int8.onnx").exists()
     fp32 = OnnxBackbone(d)(calib[:4])
     import onnxruntime as ort
@@ -38,19 +39,24 @@ def test_quantize_directory(name, export, tmp_path, capsys):
 
 
 def test_bench_report_and_json(tmp_path, capsys):
-    out = tmp_path / "bench.json"
-    code = main(["bench", "--backbone", "mnistmlp", "--batches", "1,4", "--seconds", "0.05",
-                 "--train-seconds", "1", "--threads", "1", "--json", str(out), "--no-aoti"])
+    out, png = tmp_path / "bench.json", tmp_path / "bench.png"
+    code = main(["bench", "--backbone", "mnistmlp", "--batches", "1,4", "--seconds", "0.2", "--rounds", "2",
+                 "--train-seconds", "1", "--threads", "1", "--json", str(out), "--plot", str(png), "--no-aoti"])
     assert code == 0
     text = capsys.readouterr().out
     report = json.loads(out.read_text())
     runtimes = {r["runtime"] for r in report["results"]}
-    assert {"eager", "torchscript-frozen", "ort-fp32", "ort-int8"} <= runtimes
+    assert {"eager", "torchscript-frozen", "ort-fp32", "ort-int8", "openvino-fp32", "openvino-int8"} <= runtimes
     assert {r["batch"] for r in report["results"]} == {1, 4}
     assert report["flops_per_image"] > 2 * 784 * 100  # counted, not typed
     for r in report["results"]:
-        assert r["median_ms"] > 0 and r["p90_ms"] >= r["median_ms"] and r["images_per_s"] > 0
-    acc = report["int8_accuracy_digits"]
-    assert acc["fp32_accuracy"] > 0.5, "the digits model did not learn"
-    assert acc["top1_agreement"] >= 0.8, "int8 disagrees with fp32 on the trained model"
-    assert "ort-int8" in text and "vs eager" in text and "int8 on a trained model" in text
+        assert r["median_ms"] > 0 and r["p90_ms"] > 0 and r["images_per_s"] > 0
+        assert r["rounds"] == 2 and r["spread"] >= 0
+    acc = report["accuracy_digits"]
+    by_pair = {(r["engine"], r["precision"]): r for r in acc["results"]}
+    assert by_pair["onnxruntime", "fp32"]["top1"] > 0.5, "the digits model did not learn"
+    assert by_pair["onnxruntime", "int8"]["agreement"] >= 0.8, "int8 disagrees with fp32 on the trained model"
+    assert by_pair["openvino", "fp32"]["agreement"] >= 0.99
+    assert {("torchscript", "fp32"), ("openvino", "int8")} <= set(by_pair)
+    assert "ort-int8" in text and "vs ort-fp32" in text and "accuracy on a trained model" in text
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

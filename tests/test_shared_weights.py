@@ -76,7 +76,7 @@ def test_params_write_rewrites_the_directory_in_place(shared, tmp_path, capsys):
     net, result = shared
     d = tmp_path / "copy"
     shutil.copytree(result.directory, d)
-    assert main(["quantize", str(d), "--modes", "out"]) == 0
+    assert main(["quantize", str(d), "--modes", "out", "--calibration", "random"]) == 0
     new = net.get_params() * (1 + 0.05 * torch.randn(net.num_params(), generator=torch.Generator().manual_seed(2)))
     torch.save(new, tmp_path / "v.pt")
     assert main(["params", "write", str(d), str(tmp_path / "v.pt")]) == 0
