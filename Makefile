@@ -43,8 +43,9 @@ export-aoti: $(STAMP)  ## export with AOTInductor packages too: make export-aoti
 export-all: $(STAMP)  ## export every registered backbone
 	$(PY) -m export --all --out $(OUT) $(ARGS)
 
-bench: $(STAMP)  ## benchmark eager vs TorchScript vs onnxruntime vs AOTInductor
-	$(PY) -m export bench $(ARGS)
+bench: $(STAMP)  ## every engine x precision, timed in interleaved rounds: $(OUT)/bench.json and bench.png
+	@mkdir -p $(OUT)
+	$(PY) -m export bench --json $(OUT)/bench.json --plot $(OUT)/bench.png $(ARGS)
 
 clean:  ## remove artifacts and caches (keeps .venv)
 	rm -rf $(OUT) .pytest_cache build *.egg-info
