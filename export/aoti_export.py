@@ -9,7 +9,6 @@ that `load_constants` (C++: `update_constant_buffer`) replaces in memory without
 """
 
 import io
-import os
 import tempfile
 import time
 import warnings
@@ -33,7 +32,8 @@ from export.program_export import layout_names, used_parameters
 #:   and new weights would be silently ignored;
 #: - check_lowerbound off: with input checks on (AOTI_RUNTIME_CHECK_INPUTS=1) a dynamic-batch
 #:   package otherwise refuses batch 1 (torch.export assumes dynamic sizes >= 2; the compiled
-#:   code handles 1, verified at export).
+#:   code handles 1, verified at export). torch 2.14 has no such switch for the upper bound the
+#:   checks also apply (see load_package).
 AOTI_CONFIGS: Dict[str, Any] = {"freezing": True, "aot_inductor.use_runtime_constant_folding": True,
                                 "aot_inductor.check_lowerbound": False}
 
@@ -85,10 +85,12 @@ def check_torch_version(name: str, entry: Dict[str, Any]) -> None:
 
 
 def load_package(source: Union[Path, bytes], name: str = "package"):
-    """`aoti_load_package` of a path or of bytes already checked against the manifest. Input
-    checks are turned on (AOTI_RUNTIME_CHECK_INPUTS, read by each package's code): without them
-    a package compiled for batch 1 reads a batch of 3 without complaint."""
-    os.environ.setdefault("AOTI_RUNTIME_CHECK_INPUTS", "1")
+    """`aoti_load_package` of a path or of bytes already checked against the manifest.
+
+    Packages check input shapes only with AOTI_RUNTIME_CHECK_INPUTS=1 (a batch-1 package reads a
+    batch of 3 without it), and in torch 2.14 that check also puts a wrong upper bound on a
+    dynamic batch (15 for CIFAR ResNet-18, whose package is correct at 64 and 200), so it is not
+    turned on here: the aoti engine picks the package compiled for each call's batch size."""
     data = io.BytesIO(source) if isinstance(source, bytes) else str(source)
     try:
         with warnings.catch_warnings():
