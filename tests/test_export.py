@@ -217,7 +217,7 @@ def test_torchvision_vit_family(tmp_path):
     from zoo import get_backbone
 
     net = get_backbone("tv", model="vit_b_16").eval()
-    result = export_backbone(net, tmp_path / "vit", modes=["out", "full"])
+    result = export_backbone(net, tmp_path / "vit", modes=["out", "full"], formats=["torchscript", "onnx"])
     assert result.ok, result.failures
     names = [o["name"] for o in result.manifest["modes"]["full"]["outputs"]]
     assert len(names) == 12 + 1 + 2  # 12 encoder layers, the final norm, features, logits

@@ -23,8 +23,9 @@ from tests.conftest import REPO
 
 pytestmark = pytest.mark.xdist_group("faults")
 
-OLD = ["mnistmlp", "--mlp_hidden_size", "8", "--name", "m"]
-NEW = ["mnistmlp", "--mlp_hidden_size", "16", "--name", "m"]
+# two formats: the transaction does not depend on them, and every file is one more kill point
+OLD = ["mnistmlp", "--mlp_hidden_size", "8", "--name", "m", "--formats", "torchscript,onnx"]
+NEW = ["mnistmlp", "--mlp_hidden_size", "16", "--name", "m", "--formats", "torchscript,onnx"]
 
 #: runs the export CLI, SIGKILLing (or SIGTERMing) itself at the N-th rename or directory swap,
 #: before or after it happens: every point where the directory's content changes

@@ -38,11 +38,16 @@ def test_openvino_fp32_matches_eager(name, export):
             assert_within_bound(g.numpy(), w.numpy())
 
 
-@pytest.mark.parametrize("name", ["resnet18", "mnistmlp", "efficientnet"])
+#: bf16's bound per output: |bf16 - eager| <= BF16_BOUND * max|eager|. bf16 keeps 8 mantissa
+#: bits and random weights amplify rounding with depth: measured with the tests' unit-scale
+#: weights, ResNet-18 0.022, ResNet-34 0.073, tv-mobilenet-v3-large 0.128, ResNet-50 0.313 (its
+#: logits). On trained weights the bench measures top-1 agreement instead (99.8% on digits).
+BF16_BOUND = 0.35
+
+
+@pytest.mark.parametrize("name", BACKBONES)
 def test_openvino_bf16_is_close_and_really_bf16(name, export):
-    """bf16 is not f32 under another name: it differs from eager, by a bounded relative amount
-    (|bf16 - eager| <= 0.1 * max|eager| per output at these unit-scale weights: bf16 keeps 8
-    bits of mantissa, and EfficientNet-B0's last stages reach 6.6e-2)."""
+    """bf16 is not f32 under another name: it differs from eager, within BF16_BOUND."""
     from export.openvino_runtime import cpu_supports_bf16
 
     if not cpu_supports_bf16():
@@ -52,12 +57,15 @@ def test_openvino_bf16_is_close_and_really_bf16(name, export):
     net, result = export
     runtime = load(result.directory, engine="openvino", precision="bf16", threads=1)
     x = torch.randn(4, *runtime.input_shape, generator=torch.Generator().manual_seed(13))
-    with torch.no_grad():
-        want = _flat(net(x, returnt="full"))
-    got = _flat(runtime(x, returnt="full"))
-    diffs = [float((g - w).abs().max() / w.abs().max()) for g, w in zip(got, want)]
-    assert max(diffs) <= 0.1, diffs
-    assert max(diffs) > 1e-6, "bf16 gave f32 results: the precision hint was not applied"
+    worst = 0.0
+    for mode in RETURNT_MODES:
+        with torch.no_grad():
+            want = _flat(net(x, returnt=mode))
+        got = _flat(runtime(x, returnt=mode))
+        diffs = [float((g - w).abs().max() / w.abs().max()) for g, w in zip(got, want)]
+        assert max(diffs) <= BF16_BOUND, (mode, diffs)
+        worst = max(worst, max(diffs))
+    assert worst > 1e-6, "bf16 gave f32 results: the precision hint was not applied"
 
 
 @pytest.mark.parametrize("name", ["mnistmlp"])
