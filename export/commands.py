@@ -13,7 +13,6 @@ from export.errors import ExportError, IntegrityError
 from export.flat_params import (
     ParamsError,
     read_onnx_params,
-    refuse_export_file,
     rewrite_shared_params,
     write_onnx_params,
 )
@@ -25,6 +24,7 @@ from export.manifest import (
     check_files,
     layout_problem,
     read_manifest,
+    refuse_export_file,
     stray_files,
 )
 from export.preprocessing import Normalize

@@ -6,7 +6,6 @@ length, in `parameters()` order) to the ONNX initializer that holds that paramet
 initializers' data and saves a new file atomically, keeping external data if the source had it.
 """
 
-import os
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
@@ -17,9 +16,9 @@ from onnx import numpy_helper
 from torch import Tensor
 
 from export.atomic import atomic_path
-from export.errors import ExportError, ParamsError
+from export.errors import ParamsError
 from export.flat_vector import check_params_vector, checked_layout
-from export.manifest import MANIFEST, read_manifest
+from export.manifest import read_manifest, refuse_export_file
 
 
 def layout_for(path: Path, manifest: Optional[Dict[str, Any]] = None) -> List[Dict[str, Any]]:
@@ -97,25 +96,6 @@ def set_model_params(model: onnx.ModelProto, vector: Tensor, layout, path="model
     for old, new in replacements:  # all validated and converted: now change the model
         old.CopyFrom(new)
     return model
-
-
-def refuse_export_file(out: Path) -> None:
-    """Refuse to write over a file of an export directory (a listed artifact or the manifest):
-    it would no longer match the manifest's sha256. New names beside them are fine."""
-    out = Path(os.path.abspath(out))
-    manifest_path = out.parent / MANIFEST
-    if not manifest_path.is_file():
-        return
-    if out.name == MANIFEST:
-        raise ParamsError(f"{out}: refusing to overwrite an export's {MANIFEST}; write to "
-                              "a new file outside the export directory")
-    try:
-        listed = read_manifest(out.parent)["files"]
-    except ExportError:
-        listed = {}
-    if out.name in listed:
-        raise ParamsError(f"{out}: refusing to overwrite an exported artifact (its sha256 is "
-                              f"in {MANIFEST}); write to a new file")
 
 
 def write_onnx_params(path: Path, vector: Tensor, out: Path,

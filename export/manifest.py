@@ -4,6 +4,7 @@ every file, which every loader checks before it trusts a file."""
 import hashlib
 import json
 import math
+import os
 import re
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Optional
@@ -11,8 +12,9 @@ from typing import Any, Dict, Iterable, List, Optional
 import torch
 
 from export.atomic import atomic_write_bytes
-from export.errors import IntegrityError, ManifestError
+from export.errors import ExportError, IntegrityError, ManifestError, ParamsError
 from zoo.base import MammothBackbone
+from zoo.heads import parameter_aliases
 
 MANIFEST = "manifest.json"
 #: the one external-data file every mode's ONNX graph reads its parameters from (--onnx-weights shared)
@@ -84,8 +86,6 @@ def param_layout(net: MammothBackbone, onnx_names: Dict[str, str]) -> List[Dict[
     """name, shape, offset, length in eager parameters() order, the names the parameter has in
     torch.export programs and AOTInductor packages (`program_names`) and the ONNX initializer
     that holds it (`onnx_name`)."""
-    from export.program_export import parameter_aliases
-
     aliases = parameter_aliases(net)
     layout, offset = [], 0
     for name, p in net.named_parameters():
@@ -201,3 +201,22 @@ def stray_files(directory: Path, manifest: Dict[str, Any]) -> List[str]:
     artifacts of an earlier export)."""
     listed = set(manifest["files"]) | {MANIFEST}
     return sorted(p.name for p in Path(directory).iterdir() if p.name not in listed)
+
+
+def refuse_export_file(out: Path) -> None:
+    """Refuse to write over a file of an export directory (a listed artifact or the manifest):
+    it would no longer match the manifest's sha256. New names beside them are fine."""
+    out = Path(os.path.abspath(out))
+    manifest_path = out.parent / MANIFEST
+    if not manifest_path.is_file():
+        return
+    if out.name == MANIFEST:
+        raise ParamsError(f"{out}: refusing to overwrite an export's {MANIFEST}; write to "
+                          "a new file outside the export directory")
+    try:
+        listed = read_manifest(out.parent)["files"]
+    except ExportError:
+        listed = {}
+    if out.name in listed:
+        raise ParamsError(f"{out}: refusing to overwrite an exported artifact (its sha256 is "
+                          f"in {MANIFEST}); write to a new file")

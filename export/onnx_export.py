@@ -23,9 +23,9 @@ from onnxscript import optimizer
 
 from export.errors import ExportError
 from export.manifest import SHARED_WEIGHTS
-from export.program_export import export_program, parameter_aliases
+from export.program_export import export_program
 from zoo.base import MammothBackbone, backbone_name, mode_outputs
-from zoo.heads import BACKBONE_PREFIX
+from zoo.heads import BACKBONE_PREFIX, parameter_aliases
 
 __all__ = ["OnnxExport", "export_onnx", "mode_outputs", "MIN_OPSET", "max_opset"]
 

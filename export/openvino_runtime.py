@@ -14,7 +14,8 @@ from typing import Any, Dict, List, Optional, Union
 import numpy as np
 
 from export.errors import ExportError
-from export.runtime import ENGINES, OnnxBackbone
+from export.onnx_runtime import OnnxBackbone
+from export.runtime_base import ENGINES
 
 _HINTS = {"fp32": "f32", "bf16": "bf16", "int8": "f32"}
 

@@ -113,16 +113,6 @@ def load_program(source: Union[Path, bytes]) -> torch.export.ExportedProgram:
                                  f"{str(exc).splitlines()[0][:100] if str(exc) else ''})") from None
 
 
-def parameter_aliases(net: torch.nn.Module, prefix: str = BACKBONE_PREFIX) -> Dict[str, List[str]]:
-    """Eager parameter name (as `parameters()` names it) -> every name it has under `prefix`
-    (a module reachable twice, e.g. an MLP's `fc1` that is also `net.0.0`, has several; a
-    program or package may use any of them)."""
-    by_id: Dict[int, List[str]] = {}
-    for name, p in net.named_parameters(remove_duplicate=False):
-        by_id.setdefault(id(p), []).append(prefix + name)
-    return {names[0][len(prefix):]: names for names in by_id.values()}
-
-
 def layout_names(entry: Dict[str, Any]) -> List[str]:
     """The names a layout entry's parameter has in programs and packages."""
     return list(entry.get("program_names") or [BACKBONE_PREFIX + entry["name"]])
@@ -185,7 +175,7 @@ def write_program_params(path: Path, vector: Tensor, out: Path, layout,
                          allow_nonfinite: bool = False) -> Path:
     """A copy of the program at `path` with `vector` as its parameters, written atomically."""
     from export.atomic import atomic_path
-    from export.flat_params import refuse_export_file
+    from export.manifest import refuse_export_file
 
     path, out = Path(path), Path(out)
     if out.resolve() == path.resolve():

@@ -3,13 +3,22 @@
 torch out on the input's device)."""
 
 from pathlib import Path
-from typing import Any, Dict, List, Sequence, Union
+from typing import Any, Dict, List, Sequence, Tuple, Union
 
 import numpy as np
 
 from export.errors import ManifestError
 from export.manifest import check_files, read_manifest, read_verified
 from zoo.base import check_returnt, pack_outputs
+
+#: engine -> the precisions it runs (int8: the `<mode>.int8.onnx` files `quantize` writes)
+ENGINES: Dict[str, Tuple[str, ...]] = {
+    "onnxruntime": ("fp32", "int8"),
+    "openvino": ("fp32", "bf16", "int8"),
+    "torchscript": ("fp32",),
+    "exported": ("fp32",),
+    "aoti": ("fp32",),
+}
 
 
 class RuntimeBackbone:

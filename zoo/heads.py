@@ -138,6 +138,16 @@ HEADS: Dict[str, Type[ExportHead]] = {
 assert tuple(HEADS) == RETURNT_MODES
 
 
+def parameter_aliases(net: nn.Module, prefix: str = BACKBONE_PREFIX) -> Dict[str, List[str]]:
+    """Eager parameter name (as `parameters()` names it) -> every name it has under `prefix`
+    (a module reachable twice, e.g. an MLP's `fc1` that is also `net.0.0`, has several; a
+    program or package may use any of them)."""
+    by_id: Dict[int, List[str]] = {}
+    for name, p in net.named_parameters(remove_duplicate=False):
+        by_id.setdefault(id(p), []).append(prefix + name)
+    return {names[0][len(prefix):]: names for names in by_id.values()}
+
+
 def make_head(backbone: MammothBackbone, mode: str, preprocess: Optional[nn.Module] = None) -> ExportHead:
     """The fixed head of `mode` around `backbone`, in eval() (exports must never see train BN);
     `preprocess` (parameter-free, e.g. a normalisation) runs on the input first."""
