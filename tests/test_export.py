@@ -207,25 +207,3 @@ print("ok")
     proc = subprocess.run([sys.executable, "-I", "-c", code], capture_output=True, text=True,
                           cwd=result.directory)
     assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-2000:]
-
-
-@pytest.mark.slow
-def test_torchvision_vit_family(tmp_path):
-    """torchvision's ViT through the adapter, at full size (its smallest member is ViT-B/16)."""
-    from export.core import export_backbone
-    from export.flat_params import read_onnx_params
-    from zoo import get_backbone
-
-    net = get_backbone("tv", model="vit_b_16").eval()
-    result = export_backbone(net, tmp_path / "vit", modes=["out", "full"], formats=["torchscript", "onnx"])
-    assert result.ok, result.failures
-    names = [o["name"] for o in result.manifest["modes"]["full"]["outputs"]]
-    assert len(names) == 12 + 1 + 2  # 12 encoder layers, the final norm, features, logits
-    x = torch.randn(1, 3, 224, 224)
-    got = ort_session(result.directory / "full.onnx").run(names, {"x": x.numpy()})
-    with torch.no_grad():
-        want = net(x, returnt="full")
-    for g, w in zip(got, want):
-        assert_within_bound(g, w.numpy())
-    assert torch.equal(read_onnx_params(result.directory / "full.onnx"), net.get_params())
-    assert torch.equal(load_torchscript(result.directory / "out.pt").get_params(), net.get_params())

@@ -10,7 +10,6 @@ from export.cli import main
 from export.verify import load_torchscript, ort_session
 from tests.conftest import REPO, VECTORS
 from zoo import Registry
-from zoo.registry import REGISTRY
 
 CKPTS = VECTORS / "checkpoints"
 
@@ -140,13 +139,6 @@ def test_all_continues_past_a_failure(capsys, tmp_path, monkeypatch):
     assert "1 exported, 1 failed" in out
     assert "FAILED: RuntimeError: boom" in out and "tiny-mlp" in out
     assert (tmp_path / "tiny-mlp" / "full.onnx").exists()
-
-
-@pytest.mark.slow
-def test_all_registered_backbones_export(capsys, tmp_path):
-    code, out, err = run(capsys, "--all", "--out", tmp_path, "--modes", "out", "--formats", "onnx")
-    assert code == 0, out + err
-    assert f"{len(REGISTRY.names())} exported, 0 failed" in out
 
 
 def test_example_args_fill_required_ones(capsys, tmp_path):

@@ -1,0 +1,39 @@
+"""The slowest tests: every registered backbone at full size, and torchvision's ViT-B. In a
+file that sorts first, so the two workers start them early instead of one finishing alone."""
+
+import pytest
+import torch
+
+from export.verify import load_torchscript, ort_session
+from tests.conftest import assert_within_bound
+from tests.test_export_cli import run
+from zoo.registry import REGISTRY
+
+
+@pytest.mark.slow
+def test_all_registered_backbones_export(capsys, tmp_path):
+    code, out, err = run(capsys, "--all", "--out", tmp_path, "--modes", "out", "--formats", "onnx")
+    assert code == 0, out + err
+    assert f"{len(REGISTRY.names())} exported, 0 failed" in out
+
+
+@pytest.mark.slow
+def test_torchvision_vit_family(tmp_path):
+    """torchvision's ViT through the adapter, at full size (its smallest member is ViT-B/16)."""
+    from export.core import export_backbone
+    from export.flat_params import read_onnx_params
+    from zoo import get_backbone
+
+    net = get_backbone("tv", model="vit_b_16").eval()
+    result = export_backbone(net, tmp_path / "vit", modes=["out", "full"], formats=["torchscript", "onnx"])
+    assert result.ok, result.failures
+    names = [o["name"] for o in result.manifest["modes"]["full"]["outputs"]]
+    assert len(names) == 12 + 1 + 2  # 12 encoder layers, the final norm, features, logits
+    x = torch.randn(1, 3, 224, 224)
+    got = ort_session(result.directory / "full.onnx").run(names, {"x": x.numpy()})
+    with torch.no_grad():
+        want = net(x, returnt="full")
+    for g, w in zip(got, want):
+        assert_within_bound(g, w.numpy())
+    assert torch.equal(read_onnx_params(result.directory / "full.onnx"), net.get_params())
+    assert torch.equal(load_torchscript(result.directory / "out.pt").get_params(), net.get_params())
