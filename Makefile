@@ -13,8 +13,14 @@ OUT ?= artifacts
 PYTEST_ARGS ?=
 
 AOTI_BATCH ?= dynamic
+DIRS ?= $(OUT)/$(BACKBONE)
+PORT ?= 8000
+MODEL ?= $(BACKBONE)
+REQUESTS ?= 2000
+CONCURRENCY ?= 32
+REPO ?= triton-repo
 
-.PHONY: install test lint export export-aoti export-all bench clean help
+.PHONY: install test lint export export-aoti export-all bench serve loadtest triton clean help
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*##/\t/'
@@ -22,7 +28,7 @@ help:  ## list the targets
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[test,bench]'
+	$(PY) -m pip install --quiet -e '.[test,bench,serve]'
 	@touch $(STAMP)
 
 install: $(STAMP)  ## create .venv and install the package with test extras
@@ -46,6 +52,17 @@ export-all: $(STAMP)  ## export every registered backbone
 bench: $(STAMP)  ## every engine x precision, timed in interleaved rounds: $(OUT)/bench.json and bench.png
 	@mkdir -p $(OUT)
 	$(PY) -m export bench --json $(OUT)/bench.json --plot $(OUT)/bench.png $(ARGS)
+
+serve: $(STAMP)  ## serve export directories on Ray Serve (Open Inference Protocol): make serve DIRS=artifacts/resnet [ARGS="--replicas 2"]
+	$(PY) -m export serve $(DIRS) --port $(PORT) $(ARGS)
+
+loadtest: $(STAMP)  ## a bounded load on a running server: make loadtest MODEL=resnet [REQUESTS=2000 CONCURRENCY=32]
+	@mkdir -p $(OUT)
+	$(PY) -m export loadtest http://127.0.0.1:$(PORT) --model $(MODEL) --requests $(REQUESTS) \
+		--concurrency $(CONCURRENCY) --json $(OUT)/loadtest.json $(ARGS)
+
+triton: $(STAMP)  ## Triton model repository from export directories: make triton DIRS=artifacts/resnet [REPO=triton-repo]
+	$(PY) -m export triton $(DIRS) --repo $(REPO) $(ARGS)
 
 clean:  ## remove artifacts and caches (keeps .venv)
 	rm -rf $(OUT) .pytest_cache build *.egg-info

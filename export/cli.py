@@ -14,6 +14,7 @@ verify and inspect artifacts.
 """
 
 import argparse
+import importlib
 import sys
 import time
 import warnings
@@ -283,18 +284,25 @@ def run_all(opts) -> int:
     return 1 if failed else 0
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    from export.accuracy import run_accuracy
-    from export.bench import run_bench
-    from export.commands import run_params, run_verify
-    from export.quantize import run_quantize
+#: subcommand -> (module, function): only the one asked for is imported (serve imports Ray)
+SUBCOMMANDS = {
+    "verify": ("export.commands", "run_verify"),
+    "params": ("export.commands", "run_params"),
+    "quantize": ("export.quantize", "run_quantize"),
+    "accuracy": ("export.accuracy", "run_accuracy"),
+    "bench": ("export.bench", "run_bench"),
+    "serve": ("export.serve_command", "run_serve"),
+    "loadtest": ("export.loadtest", "run_loadtest"),
+    "triton": ("export.triton_repo", "run_triton"),
+}
 
-    subcommands = {"verify": run_verify, "params": run_params, "quantize": run_quantize,
-                   "accuracy": run_accuracy, "bench": run_bench}
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
-        if argv and argv[0] in subcommands:
-            return subcommands[argv[0]](argv[1:])
+        if argv and argv[0] in SUBCOMMANDS:
+            module, function = SUBCOMMANDS[argv[0]]
+            return getattr(importlib.import_module(module), function)(argv[1:])
         return run_export(argv)
     except (ExportError, CheckpointError) as exc:
         print(f"error: {exc}", file=sys.stderr)

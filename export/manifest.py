@@ -54,6 +54,23 @@ REQUIRED_KEYS = {"backbone": dict, "input": dict, "modes": dict, "files": dict,
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
+def free_dims(shape: List[Any]) -> List[int]:
+    """A manifest shape with its named (dynamic) dimensions as -1."""
+    return [d if isinstance(d, int) else -1 for d in shape]
+
+
+def input_dims(manifest: Dict[str, Any]) -> List[int]:
+    """The input's shape with -1 for each dynamic dimension (batch; height and width where the
+    export takes any image size), as serving protocols and model configs write it."""
+    spec = manifest["input"]
+    dims = free_dims(spec["shape"])
+    dynamic = spec.get("dynamic", [])
+    for name, index in (("batch", 0), ("height", -2), ("width", -1)):
+        if name in dynamic:
+            dims[index] = -1
+    return dims
+
+
 def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 

@@ -83,9 +83,12 @@ class DirectoryTransaction:
     to an export, e.g. quantize); files are then replaced by rename, never written in place.
     """
 
-    def __init__(self, target: Path, keep_existing: bool = False) -> None:
+    def __init__(self, target: Path, keep_existing: bool = False, marker: str = MANIFEST) -> None:
+        """`marker`: the file an existing target must hold to be replaced (a directory without it
+        is someone else's)."""
         self.target = Path(os.path.abspath(target))
         self.keep_existing = keep_existing
+        self.marker = marker
         self.lock = DirectoryLock(self.target)
         self.staging = self.target  # set on entry
         self.committed = False
@@ -116,7 +119,7 @@ class DirectoryTransaction:
         """Remove or repair what killed runs left (only the lock holder gets here)."""
         parent, name = self.target.parent, self.target.name
         olds = sorted(parent.glob(f".{name}.old-*"), key=lambda p: p.stat().st_mtime)
-        if olds and not self.target.exists() and (olds[-1] / MANIFEST).is_file():
+        if olds and not self.target.exists() and (olds[-1] / self.marker).is_file():
             os.rename(olds[-1], self.target)  # a two-rename swap was cut between its renames
             log.warning("restored %s from %s (a run was killed while swapping)",
                         self.target, olds[-1].name)
@@ -132,9 +135,10 @@ class DirectoryTransaction:
         if self.target.exists() and not self.target.is_dir():
             raise ExportError(f"{self.target} exists and is not a directory")
         if (self.target.is_dir() and any(self.target.iterdir())
-                and not (self.target / MANIFEST).is_file()):
-            raise ExportError(f"{self.target} exists and is not an export directory (no "
-                              f"{MANIFEST}): choose another --name or --out, or remove it")
+                and not (self.target / self.marker).is_file()):
+            what = "an export directory" if self.marker == MANIFEST else "a directory this tool wrote"
+            raise ExportError(f"{self.target} exists and is not {what} (no {self.marker}): choose "
+                              "another --name or --out, or remove it")
 
     def _link_existing(self) -> None:
         """Hard links, except for ONNX external-data files: onnx refuses to read one with more

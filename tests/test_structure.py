@@ -78,3 +78,15 @@ def test_no_comment_points_outside_the_repository():
                  for i, line in enumerate(p.read_text().splitlines(), 1)
                  if "SPEC " + "§" in line or "SPEC" + ".md" in line]
     assert offenders == []
+
+
+def test_zoo_and_the_export_cli_do_not_import_ray():
+    """Serving is an extra: importing the library, its CLI and its runtime loads no Ray."""
+    code = ("import sys, zoo, export.cli, export.runtime, export.core, export.oip, export.triton_repo; "
+            "from export.cli import main; main(['verify', '--help'])")
+    proc = subprocess.run([sys.executable, "-c", code + "\n", "x"], cwd=REPO, capture_output=True, text=True,
+                          timeout=120)
+    check = subprocess.run([sys.executable, "-c", "import sys, zoo, export.cli, export.runtime, export.core, "
+                            "export.oip, export.triton_repo, export.loadtest; print('ray' in sys.modules)"],
+                           cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and check.stdout.strip() == "False", proc.stderr + check.stderr

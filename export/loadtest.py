@@ -1,0 +1,179 @@
+"""`python -m export loadtest URL --model NAME`: a bounded load on an Open Inference Protocol
+server (ours or Triton). Sends `--requests` copies of one seeded input from `--concurrency`
+concurrent httpx connections, stops at the count or `--duration-s`, and reports throughput,
+latency percentiles and errors (JSON with `--json`).
+
+Every answer is checked: status 200, the model's output shapes, finite values, and the same
+numbers as the first answer (within the export's verification bound) - a server that answers
+fast with wrong numbers shows up as `wrong`, not as throughput. Exit status 1 when any request
+failed or was wrong.
+"""
+
+import argparse
+import asyncio
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
+
+import numpy as np
+
+from export.errors import ExportError
+from export.oip import HEADER_LENGTH, decode_infer_response, encode_infer_request
+
+
+@dataclass
+class LoadResult:
+    """Per-request outcomes of one load run and the summary `report` derives from them."""
+
+    latencies_s: List[float] = field(default_factory=list)
+    errors: Dict[str, int] = field(default_factory=dict)
+    error_examples: Dict[str, str] = field(default_factory=dict)
+    wrong: int = 0
+    sent: int = 0
+    elapsed_s: float = 0.0
+    batch: int = 1
+
+    def fail(self, kind: str, detail: str) -> None:
+        self.errors[kind] = self.errors.get(kind, 0) + 1
+        self.error_examples.setdefault(kind, detail[:200])
+
+    def report(self) -> Dict[str, Any]:
+        ok = len(self.latencies_s)
+        lat = np.asarray(self.latencies_s) * 1000.0
+        pct = {f"p{q}_ms": round(float(np.percentile(lat, q)), 2) if ok else None for q in (50, 95, 99)}
+        return {"requests": self.sent, "ok": ok, "errors": dict(self.errors), "wrong": self.wrong,
+                "error_examples": dict(self.error_examples), "seconds": round(self.elapsed_s, 3),
+                "requests_per_s": round(ok / self.elapsed_s, 2) if self.elapsed_s else None,
+                "images_per_s": round(ok * self.batch / self.elapsed_s, 2) if self.elapsed_s else None,
+                "batch": self.batch, **pct,
+                "mean_ms": round(float(lat.mean()), 2) if ok else None}
+
+
+def _close(got: Dict[str, np.ndarray], want: Dict[str, np.ndarray]) -> bool:
+    from export.verify import error_stats
+
+    return got.keys() == want.keys() and all(error_stats(got[k], want[k])["ok"] for k in want)
+
+
+async def run_load(url: str, model: str, requests: int, concurrency: int, batch: int = 1,
+                   timeout_s: float = 30.0, duration_s: float = 600.0, returnt: Optional[str] = None,
+                   binary: bool = True, seed: int = 0, expected: Optional[Dict[str, np.ndarray]] = None,
+                   x: Optional[np.ndarray] = None, progress: bool = False) -> LoadResult:
+    """Send at most `requests` infer requests (fewer if `duration_s` runs out), `concurrency` at a
+    time, each with `timeout_s`. Answers are compared with `expected` (output name -> array) when
+    given, else with the first answer."""
+    import httpx
+
+    base = url.rstrip("/")
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    async with httpx.AsyncClient(base_url=base, timeout=timeout_s, limits=limits) as client:
+        try:
+            meta = (await client.get(f"/v2/models/{model}")).raise_for_status().json()
+        except httpx.HTTPStatusError as exc:
+            answer = f"{exc.response.status_code} {exc.response.text.strip()}"
+            raise ExportError(f"{base}: model {model!r}: {answer}") from None
+        except httpx.HTTPError as exc:
+            raise ExportError(f"cannot reach {base} ({type(exc).__name__}: {exc}); is the server running?") from None
+        spec = meta["inputs"][0]
+        if x is None:
+            dims = spec["shape"][1:]
+            if any(d < 0 for d in dims):  # any image size: the size it was exported at
+                dims = (meta.get("parameters") or {}).get("input_shape_at_export", [None, *dims])[1:]
+            if any(not isinstance(d, int) or d < 1 for d in dims):
+                raise ExportError(f"model {model!r} takes inputs of shape {spec['shape']}; "
+                                  "which size to send is unknown")
+            x = np.random.default_rng(seed).standard_normal((batch, *dims)).astype(np.float32)
+        body, headers = encode_infer_request(spec["name"], x, returnt=returnt, binary=binary)
+        result = LoadResult(batch=int(x.shape[0]))
+        reference: Dict[str, Optional[Dict[str, np.ndarray]]] = {"want": expected}
+        deadline = time.perf_counter() + duration_s
+        bar = None
+        if progress:
+            from tqdm import tqdm
+
+            bar = tqdm(total=requests, unit="req", desc=f"{model} x{concurrency}")
+
+        async def one() -> None:
+            t0 = time.perf_counter()
+            try:
+                resp = await client.post(f"/v2/models/{model}/infer", content=body, headers=headers)
+            except httpx.TimeoutException as exc:
+                result.fail("timeout", f"{type(exc).__name__} after {timeout_s:g} s")
+                return
+            except httpx.HTTPError as exc:
+                result.fail(type(exc).__name__, str(exc))
+                return
+            latency = time.perf_counter() - t0
+            if resp.status_code != 200:
+                result.fail(str(resp.status_code), resp.text.strip())
+                return
+            try:
+                got = decode_infer_response(resp.content, resp.headers.get(HEADER_LENGTH))
+            except Exception as exc:  # noqa: BLE001 - an undecodable answer is the server's error
+                result.fail("undecodable", f"{type(exc).__name__}: {exc}")
+                return
+            if reference["want"] is None:
+                reference["want"] = got
+            if not all(np.isfinite(v).all() for v in got.values()) or not _close(got, reference["want"]):
+                result.wrong += 1
+                return
+            result.latencies_s.append(latency)
+
+        async def worker() -> None:
+            while result.sent < requests and time.perf_counter() < deadline:
+                result.sent += 1
+                await one()
+                if bar is not None:
+                    bar.update()
+
+        start = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        result.elapsed_s = time.perf_counter() - start
+        if bar is not None:
+            bar.close()
+    return result
+
+
+def loadtest_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m export loadtest",
+        description="A bounded load on an Open Inference Protocol server: throughput, p50/p95/p99 "
+                    "latency and errors; every answer is checked against the first one.",
+        epilog="Example: python -m export loadtest http://127.0.0.1:8000 --model resnet --requests 2000 "
+               "--concurrency 32 --json artifacts/loadtest.json")
+    p.add_argument("url", help="server base URL, e.g. http://127.0.0.1:8000")
+    p.add_argument("--model", required=True, help="model name (the backbone's name)")
+    p.add_argument("--requests", type=int, default=1000, help="requests to send (default: %(default)s)")
+    p.add_argument("--concurrency", type=int, default=32, help="requests in flight (default: %(default)s)")
+    p.add_argument("--batch", type=int, default=1, help="images per request (default: %(default)s)")
+    p.add_argument("--returnt", default=None, help="parameters.returnt of every request (default: logits)")
+    p.add_argument("--json-tensors", action="store_true",
+                   help="send and receive JSON number lists instead of the binary tensor extension")
+    p.add_argument("--timeout-s", type=float, default=30.0, help="per request (default: %(default)s)")
+    p.add_argument("--duration-s", type=float, default=600.0,
+                   help="stop sending after this long (default: %(default)s)")
+    p.add_argument("--json", type=Path, help="write the report here")
+    return p
+
+
+def run_loadtest(argv: Sequence[str]) -> int:
+    ns = loadtest_parser().parse_args(argv)
+    for flag in ("requests", "concurrency", "batch"):
+        if getattr(ns, flag) < 1:
+            raise ExportError(f"--{flag} {getattr(ns, flag)} is not allowed; expected an integer >= 1")
+    for flag in ("timeout_s", "duration_s"):
+        if not getattr(ns, flag) > 0:
+            raise ExportError(f"--{flag.replace('_', '-')} {getattr(ns, flag)} is not allowed; expected a number > 0")
+    if not ns.url.startswith(("http://", "https://")):
+        raise ExportError(f"URL {ns.url!r} is not allowed; expected http://HOST:PORT")
+    result = asyncio.run(run_load(ns.url, ns.model, ns.requests, ns.concurrency, ns.batch, ns.timeout_s,
+                                  ns.duration_s, ns.returnt, binary=not ns.json_tensors, progress=True))
+    report = {"url": ns.url, "model": ns.model, "concurrency": ns.concurrency, **result.report()}
+    print(json.dumps(report, indent=1))
+    if ns.json:
+        from export.atomic import atomic_write_bytes
+
+        atomic_write_bytes(ns.json, (json.dumps(report, indent=1) + "\n").encode())
+    return 1 if result.errors or result.wrong else 0

@@ -1,0 +1,152 @@
+"""`python -m export serve DIR [DIR ...]`: export directories served on Ray Serve over the Open
+Inference Protocol (KServe v2, what Triton speaks), until Ctrl-C or SIGTERM.
+
+Each directory's files are checked against its manifest (sha256) before Ray starts: a changed
+directory is refused with one line. Ray is imported only here, after the checks.
+"""
+
+import argparse
+import os
+import signal
+import socket
+import sys
+import threading
+from pathlib import Path
+from typing import Any, Dict, List, Sequence
+
+from export.errors import ExportError
+from export.runtime_base import ENGINES
+
+
+def serve_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m export serve",
+        description="Serve export directories on Ray Serve with the Open Inference Protocol "
+                    "(KServe v2): GET /v2/health/ready, GET /v2/models/NAME, POST /v2/models/NAME/infer "
+                    "(JSON tensors or the binary tensor extension). One deployment per directory, "
+                    "named after its backbone; the returnt mode follows the outputs a request asks "
+                    "for (logits, features, stage_i) or parameters.returnt.",
+        epilog="Examples: python -m export serve artifacts/resnet; python -m export serve artifacts/resnet "
+               "artifacts/mnistmlp --replicas 2 --port 8000; python -m export serve artifacts/resnet "
+               "--print-config > serve.yaml && serve deploy serve.yaml")
+    p.add_argument("directories", nargs="+", type=Path, metavar="DIR", help="export directories")
+    p.add_argument("--replicas", type=int, default=1, help="replicas per model (default: %(default)s)")
+    p.add_argument("--max-batch-size", type=int, default=32,
+                   help="requests batched into one inference call; 1 turns batching off (default: %(default)s)")
+    p.add_argument("--batch-wait-ms", type=float, default=5.0,
+                   help="how long a batch waits to fill (default: %(default)s)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="inference threads per replica (default: cores / replicas, at least 1)")
+    p.add_argument("--engine", default="onnxruntime", choices=list(ENGINES), help="(default: %(default)s)")
+    p.add_argument("--precision", default="fp32", help="fp32, bf16 or int8, as the engine allows (default: fp32)")
+    p.add_argument("--host", default="127.0.0.1", help="HTTP host (default: %(default)s)")
+    p.add_argument("--port", type=int, default=8000, help="HTTP port (default: %(default)s)")
+    p.add_argument("--address", default=os.environ.get("RAY_ADDRESS"),
+                   help="join this Ray cluster (host:port of its head, or 'auto'; default: $RAY_ADDRESS, "
+                        "else start a local Ray instance)")
+    p.add_argument("--max-request-mb", type=float, default=64.0,
+                   help="largest request body accepted (default: %(default)s)")
+    p.add_argument("--request-timeout-s", type=float, default=30.0,
+                   help="a request not answered by then gets 503 (default: %(default)s)")
+    p.add_argument("--print-config", action="store_true",
+                   help="print the Serve config YAML that `serve deploy` accepts, and exit")
+    return p
+
+
+def _positive(value: float, flag: str, allowed: str = "a number > 0") -> None:
+    if not value > 0:
+        raise ExportError(f"{flag} {value:g} is not allowed; expected {allowed}")
+
+
+def check_options(ns: argparse.Namespace) -> None:
+    """One line per bad value, before anything starts."""
+    _positive(ns.replicas, "--replicas", "an integer >= 1")
+    _positive(ns.max_batch_size, "--max-batch-size", "an integer >= 1")
+    _positive(ns.max_request_mb, "--max-request-mb")
+    _positive(ns.request_timeout_s, "--request-timeout-s")
+    if ns.batch_wait_ms < 0:
+        raise ExportError(f"--batch-wait-ms {ns.batch_wait_ms:g} is not allowed; expected a number >= 0")
+    if ns.threads is not None:
+        _positive(ns.threads, "--threads", "an integer >= 1")
+    if not 0 < ns.port < 65536:
+        raise ExportError(f"--port {ns.port} is not allowed; expected 1-65535")
+    if ns.precision not in ENGINES[ns.engine]:
+        raise ExportError(f"engine {ns.engine!r} has no precision {ns.precision!r}; allowed: "
+                          f"{', '.join(ENGINES[ns.engine])}")
+
+
+def check_directories(directories: Sequence[Path], engine: str, precision: str) -> Dict[str, Path]:
+    """backbone name -> directory, each directory's engine files checked against the manifest."""
+    from export.runtime import load
+
+    names: Dict[str, Path] = {}
+    for d in directories:
+        net = load(d, engine=engine, precision=precision)  # hashes every file the engine uses
+        name = net.manifest["backbone"]["name"]
+        if name in names:
+            raise ExportError(f"{d} and {names[name]} both hold backbone {name!r}; a model name is served once")
+        names[name] = d.resolve()
+    return names
+
+
+def app_args(ns: argparse.Namespace, directory: Path) -> Dict[str, Any]:
+    return {"directory": str(directory), "engine": ns.engine, "precision": ns.precision,
+            "threads": ns.threads, "max_batch_size": ns.max_batch_size, "batch_wait_ms": ns.batch_wait_ms,
+            "replicas": ns.replicas}
+
+
+def router_args(ns: argparse.Namespace, directories: List[Path]) -> Dict[str, Any]:
+    return {"directories": [str(d) for d in directories], "engine": ns.engine, "precision": ns.precision,
+            "max_request_bytes": int(ns.max_request_mb * (1 << 20)), "request_timeout_s": ns.request_timeout_s}
+
+
+def serve_config(ns: argparse.Namespace, models: Dict[str, Path]) -> Dict[str, Any]:
+    """The Serve config (`serve deploy` schema) for the same applications."""
+    from export.oip import ROUTER_APP
+
+    apps = [{"name": name, "route_prefix": None, "import_path": "export.serving:backbone_app",
+             "args": app_args(ns, d)} for name, d in models.items()]
+    apps.append({"name": ROUTER_APP, "route_prefix": "/", "import_path": "export.serving:oip_app",
+                 "args": router_args(ns, list(models.values()))})
+    return {"proxy_location": "EveryNode", "http_options": {"host": ns.host, "port": ns.port},
+            "applications": apps}
+
+
+def _check_port(host: str, port: int) -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError as exc:
+            raise ExportError(f"cannot listen on {host}:{port} ({exc.strerror}); "
+                              "choose another --port or --host") from None
+
+
+def run_serve(argv: Sequence[str]) -> int:
+    ns = serve_parser().parse_args(argv)
+    check_options(ns)
+    if ns.threads is None:
+        ns.threads = max(1, (os.cpu_count() or 1) // ns.replicas)
+    models = check_directories(ns.directories, ns.engine, ns.precision)
+    config = serve_config(ns, models)
+    if ns.print_config:
+        import yaml
+
+        sys.stdout.write(yaml.safe_dump(config, sort_keys=False))
+        return 0
+    if ns.address is None:
+        _check_port(ns.host, ns.port)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    from export.serving import deploy, shut_down
+
+    local, address = deploy(config, ns.address, ns.replicas * ns.threads * len(models))
+    try:
+        print(f"serving {', '.join(models)} at http://{ns.host}:{ns.port}/v2 ({ns.replicas} replica(s) x "
+              f"{ns.threads} thread(s), engine {ns.engine} {ns.precision}, ray {address}); Ctrl-C stops", flush=True)
+        stop.wait()
+    finally:
+        shut_down(config, local)
+        print("stopped", flush=True)
+    return 0

@@ -1,0 +1,93 @@
+"""The Open Inference Protocol without a server: the same tensor as JSON (flat or nested) and
+as binary parses to the same array, the mode follows the outputs asked for, responses decode."""
+
+import json
+
+import numpy as np
+import pytest
+
+from export.oip import (
+    HEADER_LENGTH,
+    ModelSpec,
+    RequestError,
+    decode_infer_response,
+    encode_infer_request,
+    encode_infer_response,
+    parse_infer_request,
+)
+
+
+def spec(modes=("out", "features", "both", "full"), dynamic=("batch",)) -> ModelSpec:
+    full = [{"name": "stage_0", "shape": ["batch", 4, "height", "width"]},
+            {"name": "features", "shape": ["batch", 4]}, {"name": "logits", "shape": ["batch", 3]}]
+    table = {"out": [full[2]], "features": [full[1]], "both": [full[2], full[1]], "full": full}
+    manifest = {"backbone": {"name": "toy"}, "files": {"out.onnx": {"sha256": "ab"}},
+                "input": {"name": "x", "shape": ["batch", 2, 8, 8], "dynamic": list(dynamic)},
+                "modes": {m: {"outputs": table[m]} for m in modes}}
+    return ModelSpec.from_manifest(manifest, b"{}", "onnxruntime", "fp32")
+
+
+X = np.arange(2 * 2 * 8 * 8, dtype=np.float32).reshape(2, 2, 8, 8) / 7
+
+
+@pytest.mark.parametrize("binary", [True, False])
+def test_json_and_binary_tensors_parse_to_the_same_array(binary):
+    body, headers = encode_infer_request("x", X, outputs=["features"], binary=binary)
+    req = parse_infer_request(spec(), body, headers.get(HEADER_LENGTH))
+    np.testing.assert_array_equal(req.x, X)
+    assert (req.mode, req.outputs, req.binary) == ("features", ["features"], {"features": binary})
+
+
+def test_nested_json_data_is_accepted():
+    body = json.dumps({"inputs": [{"name": "x", "datatype": "FP32", "shape": list(X.shape), "data": X.tolist()}]})
+    np.testing.assert_array_equal(parse_infer_request(spec(), body.encode()).x, X)
+
+
+@pytest.mark.parametrize("outputs, returnt, mode", [
+    ([], None, "out"), (["logits"], None, "out"), (["features"], None, "features"),
+    (["features", "logits"], None, "both"), (["stage_0"], None, "full"), ([], "full", "full"),
+    (["logits"], "both", "both"),
+])
+def test_mode_follows_the_outputs_asked_for(outputs, returnt, mode):
+    body, headers = encode_infer_request("x", X, outputs=outputs, returnt=returnt)
+    req = parse_infer_request(spec(), body, headers[HEADER_LENGTH])
+    assert req.mode == mode and req.outputs == (outputs or spec().modes[mode])
+
+
+def test_only_exported_modes_are_chosen():
+    body, headers = encode_infer_request("x", X, outputs=["features"])
+    assert parse_infer_request(spec(modes=("both",)), body, headers[HEADER_LENGTH]).mode == "both"
+    body, headers = encode_infer_request("x", X, outputs=["stage_0"])
+    with pytest.raises(RequestError, match="unknown output 'stage_0'; model 'toy' has: logits, features"):
+        parse_infer_request(spec(modes=("out", "both")), body, headers[HEADER_LENGTH])
+
+
+def test_dynamic_image_size_is_free_and_fixed_size_is_checked():
+    x = np.zeros((1, 2, 5, 9), np.float32)
+    body, headers = encode_infer_request("x", x)
+    free = spec(dynamic=("batch", "height", "width"))
+    assert parse_infer_request(free, body, headers[HEADER_LENGTH]).x.shape == x.shape
+    with pytest.raises(RequestError, match=r"expected \[batch, 2, 8, 8\]"):
+        parse_infer_request(spec(), body, headers[HEADER_LENGTH])
+    assert spec(dynamic=("batch", "height", "width")).metadata()["inputs"][0]["shape"] == [-1, 2, -1, -1]
+
+
+@pytest.mark.parametrize("header", ["0", "-3", "abc", "999999"])
+def test_bad_header_length_is_refused(header):
+    body, _ = encode_infer_request("x", X)
+    with pytest.raises(RequestError, match="Inference-Header-Content-Length"):
+        parse_infer_request(spec(), body, header)
+
+
+@pytest.mark.parametrize("binary", [True, False])
+def test_response_round_trip(binary):
+    s = spec()
+    body, headers = encode_infer_request("x", X, outputs=["logits", "stage_0"], binary=binary)
+    req = parse_infer_request(s, body, headers.get(HEADER_LENGTH))
+    results = {"stage_0": np.ones((2, 4, 8, 8), np.float32), "logits": np.full((2, 3), 0.25, np.float32),
+               "features": np.zeros((2, 4), np.float32)}
+    out, out_headers = encode_infer_response(s, req, results)
+    got = decode_infer_response(out, out_headers.get(HEADER_LENGTH))
+    assert list(got) == ["logits", "stage_0"]  # the order asked for, and only those
+    for name, arr in got.items():
+        np.testing.assert_array_equal(arr, results[name])

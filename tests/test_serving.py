@@ -1,0 +1,414 @@
+"""`python -m export serve` for real: one Ray instance (started by the command, as users start
+it) serves two exported backbones on 127.0.0.1 for this whole module; clients nobody here wrote
+(tritonclient, httpx) and the Python handle API talk to it; one replica is killed under load.
+
+Every request is bounded by a timeout; the server is stopped at the end (SIGINT, then SIGKILL of
+its process group, which this module started)."""
+
+import asyncio
+import json
+import os
+import queue
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import pytest
+import torch
+
+from export.core import export_backbone
+from tests.conftest import REPO, assert_within_bound, build_small
+from zoo.base import RETURNT_MODES
+
+pytestmark = pytest.mark.xdist_group("serve")
+
+MODELS = ("mnistmlp", "resnet18")
+TIMEOUT_S = 20.0
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    """name -> (eager net, export directory with ONNX files)."""
+    root = tmp_path_factory.mktemp("served")
+    out = {}
+    for name in MODELS:
+        net, shape = build_small(name)
+        export_backbone(net, root / name, input_shape=shape, formats=("onnx",))
+        out[name] = (net, root / name)
+    yield out
+    shutil.rmtree(root, ignore_errors=True)
+
+
+@dataclass
+class Server:
+    url: str
+    host_port: str
+    ray_address: str
+    proc: subprocess.Popen
+    lines: list
+
+
+def _reader(proc: subprocess.Popen, lines: list, q: "queue.Queue[str]") -> None:
+    for line in proc.stdout:
+        lines.append(line)
+        q.put(line)
+
+
+def start_server(dirs, *args, timeout_s: float = 150.0) -> Server:
+    port = free_port()
+    cmd = [sys.executable, "-m", "export", "serve", *map(str, dirs), "--port", str(port), *args]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    lines: list = []
+    q: "queue.Queue[str]" = queue.Queue()
+    threading.Thread(target=_reader, args=(proc, lines, q), daemon=True).start()
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            line = q.get(timeout=1.0)
+        except queue.Empty:
+            if proc.poll() is not None:
+                break
+            continue
+        if "Ctrl-C stops" in line:
+            address = line.split(", ray ")[1].split(")")[0]
+            return Server(f"http://127.0.0.1:{port}", f"127.0.0.1:{port}", address, proc, lines)
+    stop_server(proc)
+    raise AssertionError("server did not start:\n" + "".join(lines[-40:]))
+
+
+def stop_server(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            pass
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)  # the command's own process group: Ray's processes
+    except ProcessLookupError:
+        pass
+    proc.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def server(models):
+    srv = start_server([d for _, d in models.values()], "--replicas", "2", "--threads", "1",
+                       "--max-request-mb", "1", "--request-timeout-s", str(TIMEOUT_S))
+    yield srv
+    stop_server(srv.proc)
+    assert "stopped" in "".join(srv.lines[-20:]), "".join(srv.lines[-20:])
+
+
+@pytest.fixture(scope="module")
+def ray_driver(server):
+    """This process joined to the server's Ray instance (handle API, killing a replica)."""
+    # the command's local cluster has Ray's token auth; a driver given an explicit address
+    # uses the token (~/.ray/auth_token) only when told to, before Ray reads its config
+    old = os.environ.get("RAY_AUTH_MODE")
+    os.environ["RAY_AUTH_MODE"] = "token"
+    import ray
+
+    ray.init(address=server.ray_address, logging_level="ERROR", log_to_driver=False)
+    yield ray
+    ray.shutdown()
+    if old is None:
+        os.environ.pop("RAY_AUTH_MODE")
+    else:
+        os.environ["RAY_AUTH_MODE"] = old
+
+
+def _x(net_shape, batch: int, seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal((batch, *net_shape)).astype(np.float32)
+
+
+def _eager(net, x: np.ndarray, mode: str):
+    with torch.no_grad():
+        out = net(torch.from_numpy(x), returnt=mode)
+    outs = [out] if mode in ("out", "features") else list(out)
+    return [o.numpy() for o in outs]
+
+
+def test_metadata_matches_the_manifest(server, models):
+    import tritonclient.http as th
+
+    client = th.InferenceServerClient(server.host_port, network_timeout=TIMEOUT_S)
+    assert client.is_server_ready()
+    for name, (_, directory) in models.items():
+        manifest = json.loads((directory / "manifest.json").read_text())
+        assert client.is_model_ready(name)
+        meta = client.get_model_metadata(name)
+        spec = manifest["input"]
+        dims = [-1 if i == 0 or (i >= 2 and "height" in spec["dynamic"]) else d for i, d in enumerate(spec["shape"])]
+        assert meta["inputs"] == [{"name": "x", "datatype": "FP32", "shape": dims}]
+        full = manifest["modes"]["full"]["outputs"]
+        assert [o["name"] for o in meta["outputs"]] == [o["name"] for o in full]
+        assert [o["shape"] for o in meta["outputs"]] == [[d if isinstance(d, int) else -1 for d in o["shape"]]
+                                                          for o in full]
+        assert meta["parameters"]["files"] == {n: f["sha256"] for n, f in manifest["files"].items()}
+
+
+@pytest.mark.parametrize("mode", RETURNT_MODES)
+def test_tritonclient_infer_matches_eager(server, models, mode):
+    """tritonclient asks for the mode's outputs by name (binary and JSON alternating); the
+    server picks the mode from them; numbers within the export's verification bound."""
+    import tritonclient.http as th
+
+    client = th.InferenceServerClient(server.host_port, network_timeout=TIMEOUT_S)
+    for name, (net, directory) in models.items():
+        manifest = json.loads((directory / "manifest.json").read_text())
+        names = [o["name"] for o in manifest["modes"][mode]["outputs"]]
+        x = _x(manifest["input"]["shape"][1:], 3, seed=len(mode))
+        inp = th.InferInput("x", list(x.shape), "FP32")
+        inp.set_data_from_numpy(x, binary_data=mode != "features")
+        outputs = [th.InferRequestedOutput(n, binary_data=i % 2 == 0) for i, n in enumerate(names)]
+        result = client.infer(name, [inp], outputs=outputs)
+        assert result.get_response()["parameters"]["returnt"] == mode
+        for got, want in zip([result.as_numpy(n) for n in names], _eager(net, x, mode)):
+            assert_within_bound(got, want)
+
+
+def test_returnt_parameter_and_json_tensors_over_plain_http(server, models):
+    """What `curl` sends: JSON data, nested lists, parameters.returnt, no outputs named."""
+    import httpx
+
+    net, directory = models["resnet18"]
+    x = _x(net.input_shape, 2, seed=7)
+    body = {"inputs": [{"name": "x", "datatype": "FP32", "shape": list(x.shape), "data": x.tolist()}],
+            "parameters": {"returnt": "both"}}
+    resp = httpx.post(f"{server.url}/v2/models/resnet18/infer", json=body, timeout=TIMEOUT_S)
+    assert resp.status_code == 200, resp.text
+    outs = {o["name"]: np.asarray(o["data"], np.float32).reshape(o["shape"]) for o in resp.json()["outputs"]}
+    assert list(outs) == ["logits", "features"]
+    for got, want in zip(outs.values(), _eager(net, x, "both")):
+        assert_within_bound(got, want)
+
+
+def _infer_body(shape=(1, 1, 28, 28), **overrides) -> dict:
+    tensor = {"name": "x", "datatype": "FP32", "shape": list(shape), "data": [0.5] * int(np.prod(shape))}
+    tensor.update(overrides)
+    return {"inputs": [tensor]}
+
+
+INFER = "/v2/models/mnistmlp/infer"
+BAD_REQUESTS = [
+    ("unknown model", "POST", "/v2/models/mnistmpl/infer", _infer_body(),
+     "unknown model 'mnistmpl'; did you mean mnistmlp"),
+    ("unknown version", "POST", "/v2/models/mnistmlp/versions/7/infer", _infer_body(), "no version '7'"),
+    ("wrong shape", "POST", INFER, _infer_body((1, 1, 28, 27)), "expected [batch, 1, 28, 28]"),
+    ("wrong rank", "POST", INFER, _infer_body((1, 784)), "expected rank 4"),
+    ("zero batch", "POST", INFER, _infer_body((0, 1, 28, 28)), "batch >= 1"),
+    ("wrong datatype", "POST", INFER, _infer_body(datatype="FP64"), "datatype 'FP64'; allowed: FP32"),
+    ("too few values", "POST", INFER, _infer_body(data=[0.5] * 10), "data has 10 values"),
+    ("strings as data", "POST", INFER, _infer_body(data=["a"] * 784), "not a (nested) list of numbers"),
+    ("NaN input", "POST", INFER, _infer_body(data=[float("nan")] * 784), "NaN or Inf"),
+    ("unknown input", "POST", INFER, _infer_body(name="input"), "unknown input 'input'"),
+    ("unknown output", "POST", INFER, {**_infer_body(), "outputs": [{"name": "logit"}]},
+     "unknown output 'logit'; did you mean logits"),
+    ("unknown returnt", "POST", INFER, {**_infer_body(), "parameters": {"returnt": "all"}},
+     "returnt='all' is not served; allowed: out, features, both, full"),
+    ("returnt without the output", "POST", INFER,
+     {**_infer_body(), "parameters": {"returnt": "out"}, "outputs": [{"name": "stage_0"}]}, "has no output 'stage_0'"),
+    ("malformed JSON", "POST", INFER, b'{"inputs": [', "not valid JSON"),
+    ("JSON list", "POST", INFER, b"[1, 2]", "JSON list; expected an object"),
+    ("no inputs", "POST", INFER, {"outputs": []}, "inputs must be a list of one tensor"),
+    ("over the size limit", "POST", INFER, b"{" + b" " * (1 << 20) + b"}", "over the limit of 1048576"),
+]
+
+
+@pytest.mark.parametrize("case", BAD_REQUESTS, ids=[c[0] for c in BAD_REQUESTS])
+def test_bad_request_gets_one_line_400_and_the_server_keeps_serving(server, case):
+    import httpx
+
+    _, method, path, body, fragment = case
+    content = body if isinstance(body, bytes) else json.dumps(body).encode()
+    resp = httpx.request(method, server.url + path, content=content, timeout=TIMEOUT_S)
+    assert resp.status_code == 400, resp.text
+    assert "\n" not in resp.text.strip() and fragment in resp.json()["error"], resp.text
+    ok = httpx.post(f"{server.url}/v2/models/mnistmlp/infer", json=_infer_body(), timeout=TIMEOUT_S)
+    assert ok.status_code == 200, ok.text
+
+
+def test_binary_input_with_wrong_size_is_refused(server):
+    import httpx
+
+    head = json.dumps({"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 1, 28, 28],
+                                   "parameters": {"binary_data_size": 784 * 4}}]}).encode()
+    resp = httpx.post(f"{server.url}/v2/models/mnistmlp/infer", content=head + b"\0" * 100,
+                      headers={"Inference-Header-Content-Length": str(len(head))}, timeout=TIMEOUT_S)
+    assert resp.status_code == 400 and "needs exactly 3136 bytes" in resp.json()["error"], resp.text
+
+
+def test_handle_api_takes_numpy(ray_driver, models):
+    from ray import serve
+
+    net, _ = models["mnistmlp"]
+    handle = serve.get_app_handle("mnistmlp")
+    x = _x(net.input_shape, 4, seed=3)
+    logits, feats = handle.infer.remote(x, returnt="both").result(timeout_s=TIMEOUT_S)
+    for got, want in zip((logits, feats), _eager(net, x, "both")):
+        assert_within_bound(got, want)
+    with pytest.raises(ValueError, match="unknown returnt 'all'"):
+        handle.infer.remote(x, returnt="all").result(timeout_s=TIMEOUT_S)
+
+
+def test_concurrent_requests_of_different_sizes_and_modes_are_batched_back_correctly(server, models):
+    """Many requests at once: the replicas batch them (different batch sizes concatenated, per
+    mode) and every request gets its own rows back."""
+    import httpx
+
+    from export.oip import HEADER_LENGTH, decode_infer_response, encode_infer_request
+
+    net, _ = models["resnet18"]
+    cases = [(_x(net.input_shape, 1 + i % 3, seed=100 + i), RETURNT_MODES[i % 4]) for i in range(24)]
+
+    async def run():
+        async with httpx.AsyncClient(base_url=server.url, timeout=TIMEOUT_S) as client:
+            async def one(x, mode):
+                body, headers = encode_infer_request("x", x, returnt=mode)
+                resp = await client.post("/v2/models/resnet18/infer", content=body, headers=headers)
+                assert resp.status_code == 200, resp.text
+                return decode_infer_response(resp.content, resp.headers.get(HEADER_LENGTH))
+            return await asyncio.gather(*(one(x, m) for x, m in cases))
+
+    for (x, mode), got in zip(cases, asyncio.run(run())):
+        for g, want in zip(got.values(), _eager(net, x, mode)):
+            assert_within_bound(g, want)
+
+
+def test_a_killed_replica_costs_at_most_retriable_errors(server, ray_driver, models):
+    """ray.kill on one replica during a bounded load: every request succeeds or gets 503 (none
+    hangs, none is wrong); the deployment is back to two replicas and then all requests succeed."""
+    from ray import serve
+
+    from export.loadtest import run_load
+
+    net, _ = models["mnistmlp"]
+    x = _x(net.input_shape, 1, seed=11)
+    expected = {"logits": _eager(net, x, "out")[0]}
+    handle = serve.get_app_handle("mnistmlp")
+    names = {handle.replica_info.remote().result(timeout_s=TIMEOUT_S)["actor_name"] for _ in range(20)}
+    assert len(names) == 2, names
+    victim = sorted(names)[0]
+
+    async def load_and_kill():
+        task = asyncio.create_task(run_load(server.url, "mnistmlp", 400, 16, timeout_s=TIMEOUT_S,
+                                            duration_s=60, expected=expected, x=x))
+        await asyncio.sleep(0.5)
+        ray_driver.kill(ray_driver.get_actor(victim, namespace="serve"), no_restart=True)
+        return await task
+
+    result = asyncio.run(load_and_kill())
+    assert set(result.errors) <= {"503"}, result.report()
+    assert result.wrong == 0 and result.sent == 400, result.report()
+    assert len(result.latencies_s) + result.errors.get("503", 0) == 400
+
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        states = serve.status().applications["mnistmlp"].deployments["Backbone"].replica_states
+        if states.get("RUNNING") == 2 and len(states) == 1:
+            break
+        time.sleep(0.5)
+    else:
+        pytest.fail(f"deployment did not recover to 2 running replicas: {states}")
+    after = asyncio.run(run_load(server.url, "mnistmlp", 100, 8, timeout_s=TIMEOUT_S, expected=expected, x=x))
+    assert not after.errors and after.wrong == 0 and len(after.latencies_s) == 100, after.report()
+
+
+def test_loadtest_command_reports_and_writes_json(server, tmp_path):
+    out = tmp_path / "load.json"
+    proc = subprocess.run([sys.executable, "-m", "export", "loadtest", server.url, "--model", "resnet18",
+                           "--requests", "60", "--concurrency", "8", "--batch", "2", "--json", str(out)],
+                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    report = json.loads(out.read_text())
+    assert report["ok"] == 60 and report["errors"] == {} and report["wrong"] == 0
+    assert report["images_per_s"] == pytest.approx(2 * report["requests_per_s"], rel=1e-3)
+    assert report["p50_ms"] <= report["p95_ms"] <= report["p99_ms"]
+
+
+def test_loadtest_counts_wrong_numbers(server, models):
+    from export.loadtest import run_load
+
+    net, _ = models["mnistmlp"]
+    x = _x(net.input_shape, 1, seed=5)
+    wrong = {"logits": _eager(net, x, "out")[0] + 1.0}
+    result = asyncio.run(run_load(server.url, "mnistmlp", 10, 2, timeout_s=TIMEOUT_S, expected=wrong, x=x))
+    assert result.wrong == 10 and result.latencies_s == []
+
+
+def test_loadtest_unreachable_server_is_one_line():
+    proc = subprocess.run([sys.executable, "-m", "export", "loadtest", f"http://127.0.0.1:{free_port()}",
+                           "--model", "resnet", "--requests", "1", "--timeout-s", "5"],
+                          cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "cannot reach" in proc.stderr, proc.stderr
+
+
+def test_tampered_directory_refuses_to_start(models, tmp_path):
+    _, directory = models["mnistmlp"]
+    bad = tmp_path / "mnistmlp"
+    shutil.copytree(directory, bad)
+    data = bytearray((bad / "out.onnx").read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    (bad / "out.onnx").write_bytes(bytes(data))
+    proc = subprocess.run([sys.executable, "-m", "export", "serve", str(bad), "--port", str(free_port())],
+                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert proc.stderr.count("\n") == 1 and "sha256" in proc.stderr and "out.onnx" in proc.stderr, proc.stderr
+    assert "Ray" not in proc.stdout + proc.stderr  # refused before Ray started
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["--replicas", "0"], "--replicas 0 is not allowed"),
+    (["--engine", "aoti"], "lists no"),
+    (["--engine", "onnxruntime", "--precision", "bf16"], "no precision 'bf16'"),
+    (["--port", "70000"], "--port 70000 is not allowed"),
+])
+def test_bad_serve_options_are_one_line(models, args, fragment):
+    _, directory = models["mnistmlp"]
+    proc = subprocess.run([sys.executable, "-m", "export", "serve", str(directory), *args],
+                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and fragment in proc.stderr, proc.stderr
+
+
+def test_print_config_is_a_serve_deploy_config(models):
+    import yaml
+    from ray.serve.schema import ServeDeploySchema
+
+    dirs = [str(d) for _, d in models.values()]
+    proc = subprocess.run([sys.executable, "-m", "export", "serve", *dirs, "--replicas", "3", "--print-config"],
+                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    config = ServeDeploySchema.model_validate(yaml.safe_load(proc.stdout))
+    apps = {a.name: a for a in config.applications}
+    assert set(apps) == {"mnistmlp", "resnet18", "oip"}
+    assert apps["oip"].route_prefix == "/" and apps["mnistmlp"].route_prefix is None
+    assert apps["resnet18"].args["replicas"] == 3 and apps["resnet18"].args["directory"] == dirs[1]
+
+
+def test_the_batch_function_splits_mixed_requests_back(models):
+    """run_batch (the replica's batch function) on an in-process engine: mixed sizes and modes
+    give each request exactly what a call of its own gives."""
+    from export.runtime import load
+    from export.serving import as_list, run_batch
+
+    net = load(models["mnistmlp"][1])
+    items = [(_x(net.input_shape, n, seed=n), mode) for n, mode in [(1, "out"), (3, "full"), (2, "out"), (1, "both")]]
+    for (x, mode), got in zip(items, run_batch(net, items)):
+        want = as_list(mode, net(x, returnt=mode))
+        assert len(got) == len(want)
+        for g, w in zip(got, want):
+            np.testing.assert_array_equal(g.shape, w.shape)
+            assert_within_bound(g, w)
