@@ -21,7 +21,7 @@ class OnnxBackbone(RuntimeBackbone):
     def __init__(self, directory: Union[str, Path], threads: Optional[int] = None,
                  optimization: str = "all", providers: Optional[Sequence[str]] = None,
                  device: str = "cpu", log_level: int = 3, verify_hashes: bool = True,
-                 precision: str = "fp32") -> None:
+                 precision: str = "fp32", spin_wait: bool = True) -> None:
         """Open the ONNX files of an export directory.
 
         Args:
@@ -35,6 +35,7 @@ class OnnxBackbone(RuntimeBackbone):
             verify_hashes: check every file against the manifest's sha256 before using it.
                 Turn off only for files you know are the ones the manifest describes.
             precision: fp32 (`<mode>.onnx`) or int8 (`<mode>.int8.onnx`, from `quantize`).
+            spin_wait: threads busy-wait between calls (see `export.verify.ort_session`).
         """
         super().__init__(directory, verify_hashes)
         if optimization not in OPTIMIZATION_LEVELS:
@@ -45,7 +46,7 @@ class OnnxBackbone(RuntimeBackbone):
                               f"{', '.join(ENGINES[self.engine])}")
         self._open_files(precision)
         self.session_args = {"threads": threads, "optimization": optimization, "device": device,
-                             "providers": providers, "log_level": log_level}
+                             "providers": providers, "log_level": log_level, "spin_wait": spin_wait}
         self._sessions: Dict[str, Any] = {}
         self._params = None  # a flat vector set with set_params, else the files' own
         self._allow_nonfinite = False

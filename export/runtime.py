@@ -28,7 +28,8 @@ __all__ = ["load", "ENGINES", "OnnxBackbone", "RuntimeBackbone"]
 
 
 def load(directory: Union[str, Path], engine: str = "onnxruntime", precision: str = "fp32",
-         threads: Optional[int] = None, device: str = "cpu", verify_hashes: bool = True) -> RuntimeBackbone:
+         threads: Optional[int] = None, device: str = "cpu", verify_hashes: bool = True,
+         spin_wait: bool = True) -> RuntimeBackbone:
     """An export directory as a backbone with the `returnt` API, run by `engine`.
 
     Args:
@@ -42,6 +43,9 @@ def load(directory: Union[str, Path], engine: str = "onnxruntime", precision: st
         threads: intra-op threads (None: torch's thread count).
         device: cpu or cuda.
         verify_hashes: check every file against the manifest's sha256 first.
+        spin_wait: onnxruntime's threads busy-wait between calls (its default, fastest alone on
+            the cores); False where other processes share the cores (the `serve` replicas).
+            The other engines have no such switch and ignore it.
     """
     if engine not in ENGINES:
         raise ExportError(f"unknown engine {engine!r}; allowed: {', '.join(ENGINES)}")
@@ -50,7 +54,7 @@ def load(directory: Union[str, Path], engine: str = "onnxruntime", precision: st
         raise ExportError(f"engine {engine!r} has no precision {precision!r}; the pairs that exist: {pairs}")
     if engine == "onnxruntime":
         return OnnxBackbone(directory, threads=threads, device=device, verify_hashes=verify_hashes,
-                            precision=precision)
+                            precision=precision, spin_wait=spin_wait)
     if engine == "openvino":
         from export.openvino_runtime import OpenVinoBackbone
 

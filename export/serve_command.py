@@ -33,7 +33,7 @@ def serve_parser() -> argparse.ArgumentParser:
     p.add_argument("--replicas", type=int, default=1, help="replicas per model (default: %(default)s)")
     p.add_argument("--max-batch-size", type=int, default=32,
                    help="requests batched into one inference call; 1 turns batching off (default: %(default)s)")
-    p.add_argument("--batch-wait-ms", type=float, default=5.0,
+    p.add_argument("--batch-wait-ms", type=float, default=10.0,
                    help="how long a batch waits to fill (default: %(default)s)")
     p.add_argument("--threads", type=int, default=None,
                    help="inference threads per replica (default: cores / replicas, at least 1)")

@@ -120,7 +120,7 @@ OPTIMIZATION_LEVELS = ("disable", "basic", "extended", "all")
 
 
 def ort_session(source, device: str = "cpu", threads: Optional[int] = None, optimization: str = "all",
-                providers: Optional[Sequence[str]] = None, log_level: int = 3):
+                providers: Optional[Sequence[str]] = None, log_level: int = 3, spin_wait: bool = True):
     """The one way this project makes an onnxruntime session.
 
     Args:
@@ -132,6 +132,9 @@ def ort_session(source, device: str = "cpu", threads: Optional[int] = None, opti
         providers: explicit execution providers (default: from `device`).
         log_level: 3 = errors only (unused parameter initializers are kept on purpose and would
             warn at 2).
+        spin_wait: intra-op threads busy-wait for work between calls (onnxruntime's default:
+            lowest latency for a process that has the cores to itself). Off where other processes
+            need the same cores between calls, as in a server's proxy and ingress.
     """
     import onnxruntime as ort
 
@@ -147,6 +150,8 @@ def ort_session(source, device: str = "cpu", threads: Optional[int] = None, opti
     }[optimization]
     options.intra_op_num_threads = threads or torch.get_num_threads()
     options.inter_op_num_threads = 1
+    if not spin_wait:
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     model = source if isinstance(source, bytes) else str(source)
     return ort.InferenceSession(model, options, providers=list(providers or ort_providers(device)))
 
