@@ -9,6 +9,9 @@ verify and inspect artifacts.
     python -m export quantize artifacts/resnet --calibration inputs.npy   # int8 ONNX per mode
     python -m export accuracy artifacts/resnet --data x.npy --labels y.npy  # top-1 per engine x precision
     python -m export bench                             # eager vs TorchScript vs onnxruntime
+    python -m export serve artifacts/resnet            # Ray Serve, Open Inference Protocol (KServe v2)
+    python -m export loadtest http://127.0.0.1:8000 --model resnet   # bounded load on a server
+    python -m export triton artifacts/resnet --repo triton-repo      # Triton model repository
 
 `python -m export BACKBONE --help` lists that backbone's own arguments.
 """
@@ -58,7 +61,8 @@ def _base_parser(add_help: bool) -> argparse.ArgumentParser:
                     "AOTInductor package (.aoti.pt2), each verified against eager PyTorch, plus "
                     "manifest.json.",
         epilog="Subcommands (each with --help): verify DIR, params read|write, quantize DIR "
-               "--calibration DATA, accuracy DIR --data X --labels Y, bench. "
+               "--calibration DATA, accuracy DIR --data X --labels Y, bench, serve DIR..., "
+               "loadtest URL --model NAME, triton DIR... --repo REPO. "
                "Examples: python -m export resnet --depth 18; python -m export resnet18 "
                "--num_filters 32 --modes out,features; python -m export --checkpoint run_last.pt",
         formatter_class=argparse.RawDescriptionHelpFormatter,
