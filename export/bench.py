@@ -183,10 +183,10 @@ def _aoti_runtimes(directory: Path) -> Dict[str, Callable[[np.ndarray, torch.Ten
     engine = load(directory, engine="aoti")
     found: Dict[str, Callable[[np.ndarray, torch.Tensor], Any]] = {}
     if None in batches:
-        dynamic = engine._package(engine.packages["out"][None])
+        dynamic = engine.package_for("out", None)
         found["aoti"] = lambda a, t: dynamic(t)
     if batches - {None}:
-        found["aoti-per-batch"] = lambda a, t: engine._callable("out", t.shape[0])(t)
+        found["aoti-per-batch"] = lambda a, t: engine.package_for("out", t.shape[0])(t)
     return found
 
 

@@ -86,10 +86,16 @@ class RuntimeBackbone:
     def _run(self, mode: str, x: np.ndarray) -> List[Any]:
         raise NotImplementedError
 
-    def __call__(self, x: Any, returnt: str = "out"):
+    def check_call(self, x: Any, returnt: str) -> np.ndarray:
+        """A call's checks without running it (ValueError/TypeError for a mode not exported
+        here or an input that does not fit): `x` as contiguous float32 numpy. Servers check
+        each request with it before batching requests together."""
         self._check_mode(returnt)
+        return self._prepare(x)
+
+    def __call__(self, x: Any, returnt: str = "out"):
         is_torch = hasattr(x, "detach")
-        outs = self._run(returnt, self._prepare(x))
+        outs = self._run(returnt, self.check_call(x, returnt))
         import torch
 
         if is_torch:

@@ -79,8 +79,7 @@ class Backbone:
     async def infer(self, x: Any, returnt: str = "out") -> Any:
         """What `net(x, returnt=...)` returns, for numpy (or torch) `x`; checked here, before
         batching, so one bad request never fails the others in its batch."""
-        self.net._check_mode(returnt)
-        outs = await self._batched((self.net._prepare(x), returnt))
+        outs = await self._batched((self.net.check_call(x, returnt), returnt))
         return pack_outputs(returnt, outs)
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005)

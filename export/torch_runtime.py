@@ -8,7 +8,7 @@ vector given to `set_params` for the modes it loads later.
 import io
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional, Union
+from typing import Any, Callable, Dict, Iterator, List, Optional, Union
 
 import numpy as np
 import torch
@@ -45,6 +45,16 @@ class TorchBackbone(RuntimeBackbone):
     def _callable(self, mode: str, batch: int):
         raise NotImplementedError
 
+    def _load(self, key: Any, make: Callable[[], Any]) -> Any:
+        """What runs `key` (a mode, or a package's name), made once by `make` from verified
+        bytes, with the vector of `set_params` applied when one was set."""
+        if key not in self._loaded:
+            loaded = make()
+            if self._params is not None:
+                self._apply_params(loaded, key)
+            self._loaded[key] = loaded
+        return self._loaded[key]
+
     def _run(self, mode: str, x: np.ndarray) -> List[Any]:
         fn = self._callable(mode, x.shape[0])
         with torch.no_grad(), self._threads():
@@ -76,14 +86,12 @@ class TorchScriptBackbone(TorchBackbone):
     def _module(self, mode: str):
         from export.torchscript_export import jit_deprecations_silenced
 
-        if mode not in self._loaded:
+        def make():
             data = self._verified_bytes(artifact_name(mode, "torchscript"))
             with jit_deprecations_silenced():
-                module = torch.jit.load(io.BytesIO(data), map_location=self.device)
-            if self._params is not None:
-                self._apply_params(module, mode)
-            self._loaded[mode] = module
-        return self._loaded[mode]
+                return torch.jit.load(io.BytesIO(data), map_location=self.device)
+
+        return self._load(mode, make)
 
     def _callable(self, mode: str, batch: int):
         return self._module(mode)
@@ -111,12 +119,8 @@ class ExportedBackbone(TorchBackbone):
     def _program(self, mode: str):
         from export.program_export import load_program
 
-        if mode not in self._loaded:
-            program = load_program(self._verified_bytes(artifact_name(mode, "exported")))
-            self._loaded[mode] = [program, None]
-            if self._params is not None:
-                self._apply_params(self._loaded[mode], mode)
-        return self._loaded[mode]
+        # [program, its module() once called]: parameters are set in the program's state
+        return self._load(mode, lambda: [load_program(self._verified_bytes(artifact_name(mode, "exported"))), None])
 
     def _callable(self, mode: str, batch: int):
         entry = self._program(mode)
@@ -175,15 +179,15 @@ class AotiBackbone(TorchBackbone):
     def _package(self, name: str):
         from export.aoti_export import load_package
 
-        if name not in self._loaded:
-            model = load_package(self._verified_bytes(name), name)
-            if self._params is not None:
-                self._apply_params(model, name)
-            self._loaded[name] = model
-        return self._loaded[name]
+        return self._load(name, lambda: load_package(self._verified_bytes(name), name))
 
     def _callable(self, mode: str, batch: int):
         return self._package(self.package_name(mode, batch))
+
+    def package_for(self, mode: str, batch: Optional[int]):
+        """The loaded package (a callable on torch tensors) that runs `mode` at `batch`; None:
+        the any-batch package. For callers that time the package alone (the bench)."""
+        return self._package(self.packages[mode][None] if batch is None else self.package_name(mode, batch))
 
     def _apply_params(self, loaded, key) -> None:
         from export.aoti_export import set_package_params

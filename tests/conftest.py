@@ -83,6 +83,11 @@ def load_vector(path: Path) -> Dict[str, Any]:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
+def flat_outputs(out) -> list:
+    """A returnt call's outputs as a list (one tensor/array for 'out' and 'features')."""
+    return list(out) if isinstance(out, (list, tuple)) else [out]
+
+
 def assert_within_bound(got, want) -> None:
     """The export's own bound (export.verify.error_stats), so tests and exports agree."""
     stats = error_stats(np.asarray(got), np.asarray(want))

@@ -12,7 +12,9 @@ from zoo.registry import REGISTRY
 
 @pytest.mark.slow
 def test_all_registered_backbones_export(capsys, tmp_path):
-    code, out, err = run(capsys, "--all", "--out", tmp_path, "--modes", "out", "--formats", "onnx")
+    """`--all` at full size, as TorchScript (44 s here; as ONNX 206 s): every backbone's ONNX
+    export is tested at small size elsewhere, and ViT-B's at full size below."""
+    code, out, err = run(capsys, "--all", "--out", tmp_path, "--modes", "out", "--formats", "torchscript")
     assert code == 0, out + err
     assert f"{len(REGISTRY.names())} exported, 0 failed" in out
 

@@ -19,7 +19,7 @@ from export.cli import main
 from export.core import export_backbone
 from export.errors import ExportError, IntegrityError, ParamsError
 from export.runtime import load
-from tests.conftest import REPO, assert_within_bound, build_small
+from tests.conftest import REPO, assert_within_bound, build_small, flat_outputs
 from zoo import RETURNT_MODES
 
 pytestmark = pytest.mark.xdist_group("aoti")
@@ -46,9 +46,6 @@ def aoti_export(name, aoti_root):
         _BUILT[name] = (net, result)
     return _BUILT[name]
 
-
-def _flat(out):
-    return [out] if isinstance(out, torch.Tensor) else list(out)
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -78,7 +75,7 @@ def test_aoti_engine_matches_eager_and_takes_new_weights(name, aoti_export):
                 want = net(x, returnt=mode)
             got = runtime(x, returnt=mode)
             assert type(got) is type(want)
-            for g, w in zip(_flat(got), _flat(want)):
+            for g, w in zip(flat_outputs(got), flat_outputs(want)):
                 assert_within_bound(g.numpy(), w.numpy())
     # new weights through load_constants, no recompiling; BatchNorm's folded constants follow
     v = net.get_params()
@@ -89,8 +86,8 @@ def test_aoti_engine_matches_eager_and_takes_new_weights(name, aoti_export):
     x = torch.randn(2, *runtime.input_shape, generator=torch.Generator().manual_seed(3))
     for mode in ("out", "full"):
         with torch.no_grad():
-            want = _flat(eager(x, returnt=mode))
-        for g, w in zip(_flat(runtime(x, returnt=mode)), want):
+            want = flat_outputs(eager(x, returnt=mode))
+        for g, w in zip(flat_outputs(runtime(x, returnt=mode)), want):
             assert_within_bound(g.numpy(), w.numpy())
     assert torch.equal(runtime.get_params(), new)
 
@@ -211,7 +208,7 @@ def test_cpp_example_matches_eager(name, aoti_export, tmp_path):
         assert proc.returncode == 0, proc.stderr[-2000:]
         got = torch.load(out, weights_only=True)
         with torch.no_grad():
-            want = _flat(net(x, returnt=mode))
+            want = flat_outputs(net(x, returnt=mode))
         assert len(got) == len(want)
         for g, w in zip(got, want):
             assert_within_bound(g.numpy(), w.numpy())

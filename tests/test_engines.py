@@ -12,15 +12,12 @@ import torch
 from export.cli import main
 from export.errors import ExportError, IntegrityError, ManifestError, ParamsError
 from export.runtime import ENGINES, load
-from tests.conftest import assert_within_bound, backbone_params
+from tests.conftest import assert_within_bound, backbone_params, flat_outputs
 
 BACKBONES = backbone_params()
 #: the engines whose files every default export has
 DEFAULT_ENGINES = ("onnxruntime", "torchscript", "exported")
 
-
-def _flat(out):
-    return [out] if not isinstance(out, (list, tuple)) else list(out)
 
 
 @pytest.mark.parametrize("engine", DEFAULT_ENGINES)
@@ -36,8 +33,8 @@ def test_every_engine_matches_eager(name, engine, export):
             want = net(x, returnt=mode)
         got = runtime(x, returnt=mode)
         assert type(got) is type(want), (mode, type(got))
-        assert all(isinstance(t, torch.Tensor) for t in _flat(got))
-        for g, w in zip(_flat(got), _flat(want)):
+        assert all(isinstance(t, torch.Tensor) for t in flat_outputs(got))
+        for g, w in zip(flat_outputs(got), flat_outputs(want)):
             assert_within_bound(g.numpy(), w.numpy())
     got_np = runtime(x[:1].numpy(), returnt="full")
     assert all(isinstance(t, np.ndarray) for t in got_np)
@@ -59,8 +56,8 @@ def test_every_engine_takes_a_new_vector(name, engine, export):
     assert torch.equal(runtime.get_params(), new)
     for mode in ("out", "full"):
         with torch.no_grad():
-            want = _flat(net(x, returnt=mode))
-        for g, w in zip(_flat(runtime(x, returnt=mode)), want):
+            want = flat_outputs(net(x, returnt=mode))
+        for g, w in zip(flat_outputs(runtime(x, returnt=mode)), want):
             assert_within_bound(g.numpy(), w.numpy())
     with pytest.raises(ParamsError, match="expected 1-D|expected .* elements"):
         runtime.set_params(new[:-1])

@@ -12,14 +12,11 @@ import torch
 from export.cli import main
 from export.errors import ExportError, ManifestError, ParamsError
 from export.runtime import load
-from tests.conftest import assert_within_bound, backbone_params
+from tests.conftest import assert_within_bound, backbone_params, flat_outputs
 from zoo import RETURNT_MODES
 
 BACKBONES = backbone_params()
 
-
-def _flat(out):
-    return [out] if not isinstance(out, (list, tuple)) else list(out)
 
 
 @pytest.mark.parametrize("name", BACKBONES)
@@ -34,7 +31,7 @@ def test_openvino_fp32_matches_eager(name, export):
             want = net(x, returnt=mode)
         got = runtime(x, returnt=mode)
         assert type(got) is type(want)
-        for g, w in zip(_flat(got), _flat(want)):
+        for g, w in zip(flat_outputs(got), flat_outputs(want)):
             assert_within_bound(g.numpy(), w.numpy())
 
 
@@ -61,8 +58,8 @@ def test_openvino_bf16_is_close_and_really_bf16(name, export):
     worst = 0.0
     for mode in ("full",):
         with torch.no_grad():
-            want = _flat(net(x, returnt=mode))
-        got = _flat(runtime(x, returnt=mode))
+            want = flat_outputs(net(x, returnt=mode))
+        got = flat_outputs(runtime(x, returnt=mode))
         diffs = [float((g - w).abs().max() / w.abs().max()) for g, w in zip(got, want)]
         assert max(diffs) <= BF16_BOUND, (mode, diffs)
         worst = max(worst, max(diffs))

@@ -11,15 +11,12 @@ import torch
 from export.cli import main
 from export.errors import ManifestError
 from export.runtime import OnnxBackbone
-from tests.conftest import assert_within_bound, backbone_params
+from tests.conftest import assert_within_bound, backbone_params, flat_outputs
 from zoo import RETURNT_MODES
 
 BACKBONES = backbone_params()
 
 
-
-def _flat(out):
-    return [out] if not isinstance(out, (list, tuple)) else list(out)
 
 
 @pytest.mark.parametrize("mode", RETURNT_MODES)
@@ -32,11 +29,11 @@ def test_onnx_backbone_matches_eager(name, mode, export):
         want = net(x, returnt=mode)
     got = onnx_net(x, returnt=mode)
     assert type(got) is type(want)
-    assert all(isinstance(t, torch.Tensor) for t in _flat(got))
-    for g, w in zip(_flat(got), _flat(want)):
+    assert all(isinstance(t, torch.Tensor) for t in flat_outputs(got))
+    for g, w in zip(flat_outputs(got), flat_outputs(want)):
         assert_within_bound(g.numpy(), w.numpy())
     got_np = onnx_net(x.numpy(), returnt=mode)
-    assert all(isinstance(t, np.ndarray) for t in _flat(got_np))
+    assert all(isinstance(t, np.ndarray) for t in flat_outputs(got_np))
 
 
 @pytest.mark.parametrize("name", ["resnet18"])

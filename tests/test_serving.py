@@ -23,7 +23,7 @@ import pytest
 import torch
 
 from export.core import export_backbone
-from tests.conftest import REPO, assert_within_bound, build_small
+from tests.conftest import REPO, assert_within_bound, build_small, flat_outputs
 from zoo.base import RETURNT_MODES
 
 pytestmark = pytest.mark.xdist_group("serve")
@@ -137,8 +137,7 @@ def _x(net_shape, batch: int, seed: int) -> np.ndarray:
 def _eager(net, x: np.ndarray, mode: str):
     with torch.no_grad():
         out = net(torch.from_numpy(x), returnt=mode)
-    outs = [out] if mode in ("out", "features") else list(out)
-    return [o.numpy() for o in outs]
+    return [o.numpy() for o in flat_outputs(out)]
 
 
 def test_metadata_matches_the_manifest(server, models):
