@@ -48,6 +48,10 @@ def serve_parser() -> argparse.ArgumentParser:
                    help="largest request body accepted (default: %(default)s)")
     p.add_argument("--request-timeout-s", type=float, default=30.0,
                    help="a request not answered by then gets 503 (default: %(default)s)")
+    p.add_argument("--haproxy", action="store_true",
+                   help="HAProxy as the HTTP proxy (Ray Serve's RAY_SERVE_ENABLE_HA_PROXY; local Ray only): "
+                        "more requests/s, but its stats page and Prometheus exporter listen on all "
+                        "interfaces (on free ports chosen at start)")
     p.add_argument("--print-config", action="store_true",
                    help="print the Serve config YAML that `serve deploy` accepts, and exit")
     return p
@@ -70,6 +74,9 @@ def check_options(ns: argparse.Namespace) -> None:
         _positive(ns.threads, "--threads", "an integer >= 1")
     if not 0 < ns.port < 65536:
         raise ExportError(f"--port {ns.port} is not allowed; expected 1-65535")
+    if ns.haproxy and ns.address is not None:
+        raise ExportError("--haproxy applies to a local Ray instance; on a cluster set RAY_SERVE_ENABLE_HA_PROXY=1 "
+                          "in its environment")
     if ns.precision not in ENGINES[ns.engine]:
         raise ExportError(f"engine {ns.engine!r} has no precision {ns.precision!r}; allowed: "
                           f"{', '.join(ENGINES[ns.engine])}")
@@ -122,6 +129,13 @@ def _check_port(host: str, port: int) -> None:
                               "choose another --port or --host") from None
 
 
+def _proxy_note() -> str:
+    if os.environ.get("RAY_SERVE_ENABLE_HA_PROXY") != "1":
+        return ""
+    return (f", HAProxy: stats on *:{os.environ.get('RAY_SERVE_HAPROXY_STATS_PORT', '8404')}, metrics on "
+            f"*:{os.environ.get('RAY_SERVE_HAPROXY_METRICS_PORT', '9101')}")
+
+
 def run_serve(argv: Sequence[str]) -> int:
     ns = serve_parser().parse_args(argv)
     check_options(ns)
@@ -141,10 +155,11 @@ def run_serve(argv: Sequence[str]) -> int:
         signal.signal(sig, lambda *_: stop.set())
     from export.serving import deploy, shut_down
 
-    local, address = deploy(config, ns.address, ns.replicas * ns.threads * len(models))
+    local, address = deploy(config, ns.address, ns.replicas * ns.threads * len(models), haproxy=ns.haproxy)
     try:
         print(f"serving {', '.join(models)} at http://{ns.host}:{ns.port}/v2 ({ns.replicas} replica(s) x "
-              f"{ns.threads} thread(s), engine {ns.engine} {ns.precision}, ray {address}); Ctrl-C stops", flush=True)
+              f"{ns.threads} thread(s), engine {ns.engine} {ns.precision}, ray {address}{_proxy_note()}); Ctrl-C stops",
+              flush=True)
         stop.wait()
     finally:
         shut_down(config, local)

@@ -83,7 +83,7 @@ def start_server(dirs, *args, timeout_s: float = 150.0) -> Server:
                 break
             continue
         if "Ctrl-C stops" in line:
-            address = line.split(", ray ")[1].split(")")[0]
+            address = line.split(", ray ")[1].split(")")[0].split(",")[0]
             return Server(f"http://127.0.0.1:{port}", f"127.0.0.1:{port}", address, proc, lines)
     stop_server(proc)
     raise AssertionError("server did not start:\n" + "".join(lines[-40:]))
@@ -374,6 +374,7 @@ def test_tampered_directory_refuses_to_start(models, tmp_path):
     (["--engine", "aoti"], "lists no"),
     (["--engine", "onnxruntime", "--precision", "bf16"], "no precision 'bf16'"),
     (["--port", "70000"], "--port 70000 is not allowed"),
+    (["--haproxy", "--address", "127.0.0.1:1"], "--haproxy applies to a local Ray instance"),
 ])
 def test_bad_serve_options_are_one_line(models, args, fragment):
     _, directory = models["mnistmlp"]
