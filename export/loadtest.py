@@ -34,6 +34,9 @@ class LoadResult:
     sent: int = 0
     elapsed_s: float = 0.0
     batch: int = 1
+    #: CPU seconds this process (the client) used during the run: on one machine, the
+    #: client's share of the cores is not the server's
+    client_cpu_s: float = 0.0
 
     def fail(self, kind: str, detail: str) -> None:
         self.errors[kind] = self.errors.get(kind, 0) + 1
@@ -47,12 +50,13 @@ class LoadResult:
                 "error_examples": dict(self.error_examples), "seconds": round(self.elapsed_s, 3),
                 "requests_per_s": round(ok / self.elapsed_s, 2) if self.elapsed_s else None,
                 "images_per_s": round(ok * self.batch / self.elapsed_s, 2) if self.elapsed_s else None,
-                "batch": self.batch, **pct,
+                "batch": self.batch, "client_cpu_ms_per_request": round(1000 * self.client_cpu_s / self.sent, 2)
+                if self.sent else None, **pct,
                 "mean_ms": round(float(lat.mean()), 2) if ok else None}
 
 
 def _close(got: Dict[str, np.ndarray], want: Dict[str, np.ndarray]) -> bool:
-    from export.verify import error_stats
+    from export.verify import error_stats  # the export's own bound (imported before the load starts)
 
     return got.keys() == want.keys() and all(error_stats(got[k], want[k])["ok"] for k in want)
 
@@ -89,6 +93,8 @@ async def run_load(url: str, model: str, requests: int, concurrency: int, batch:
         result = LoadResult(batch=int(x.shape[0]))
         reference: Dict[str, Optional[Dict[str, np.ndarray]]] = {"want": expected}
         deadline = time.perf_counter() + duration_s
+        from export.verify import error_stats  # noqa: F401 (imports torch now, not during the load)
+
         bar = None
         if progress:
             from tqdm import tqdm
@@ -128,9 +134,10 @@ async def run_load(url: str, model: str, requests: int, concurrency: int, batch:
                 if bar is not None:
                     bar.update()
 
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         await asyncio.gather(*(worker() for _ in range(concurrency)))
         result.elapsed_s = time.perf_counter() - start
+        result.client_cpu_s = time.process_time() - cpu
         if bar is not None:
             bar.close()
     return result
