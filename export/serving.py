@@ -15,7 +15,7 @@ import os
 import re
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Dict, List, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import ray
@@ -113,7 +113,7 @@ def _json(obj: Any, status: int = 200) -> Response:
     return Response(json.dumps(obj).encode(), status_code=status, media_type="application/json")
 
 
-def _error(message: str, status: int, headers: Dict[str, str] = None) -> Response:
+def _error(message: str, status: int, headers: Optional[Dict[str, str]] = None) -> Response:
     return Response(error_body(message), status_code=status, media_type="application/json", headers=headers)
 
 
@@ -147,7 +147,7 @@ class OipIngress:
         except RequestError as exc:
             return _error(str(exc), exc.status)
 
-    def _spec(self, model: str, version: str = None) -> ModelSpec:
+    def _spec(self, model: str, version: Optional[str] = None) -> ModelSpec:
         if model not in self.specs:
             raise RequestError(f"unknown model {model!r}{close_names(model, list(self.specs))}; "
                                f"served: {', '.join(self.specs)}")
@@ -162,14 +162,14 @@ class OipIngress:
     async def health(self, request: Request) -> Response:
         return _json({"ready": True})
 
-    async def model_metadata(self, request: Request, model: str, version: str = None) -> Response:
+    async def model_metadata(self, request: Request, model: str, version: Optional[str] = None) -> Response:
         return _json(self._spec(model, version).metadata())
 
-    async def model_ready(self, request: Request, model: str, version: str = None) -> Response:
+    async def model_ready(self, request: Request, model: str, version: Optional[str] = None) -> Response:
         self._spec(model, version)
         return _json({"name": model, "ready": True})
 
-    async def infer(self, request: Request, model: str, version: str = None) -> Response:
+    async def infer(self, request: Request, model: str, version: Optional[str] = None) -> Response:
         spec = self._spec(model, version)
         declared = request.headers.get("content-length")
         if declared and declared.isdigit() and int(declared) > self.max_request_bytes:
@@ -244,7 +244,8 @@ LOGGING = {"log_level": "WARNING", "enable_access_log": False}
 BUILDERS = {"export.serving:backbone_app": backbone_app, "export.serving:oip_app": oip_app}
 
 
-def deploy(config: Dict[str, Any], address: str = None, cpus: int = 1, haproxy: bool = False) -> Tuple[bool, str]:
+def deploy(config: Dict[str, Any], address: Optional[str] = None, cpus: int = 1,
+           haproxy: bool = False) -> Tuple[bool, str]:
     """Start (address None: a local Ray instance with enough logical CPUs for the replicas) or
     join Ray, start Serve's HTTP proxy and run `config`'s applications, each ready on return.
     Returns (whether Ray was started here, the cluster's address)."""
