@@ -21,6 +21,7 @@ import numpy as np
 
 from export.errors import ExportError
 from export.oip import HEADER_LENGTH, decode_infer_response, encode_infer_request
+from export.verify import error_stats  # the export's own bound
 
 
 @dataclass
@@ -56,8 +57,6 @@ class LoadResult:
 
 
 def _close(got: Dict[str, np.ndarray], want: Dict[str, np.ndarray]) -> bool:
-    from export.verify import error_stats  # the export's own bound (imported before the load starts)
-
     return got.keys() == want.keys() and all(error_stats(got[k], want[k])["ok"] for k in want)
 
 
@@ -93,8 +92,6 @@ async def run_load(url: str, model: str, requests: int, concurrency: int, batch:
         result = LoadResult(batch=int(x.shape[0]))
         reference: Dict[str, Optional[Dict[str, np.ndarray]]] = {"want": expected}
         deadline = time.perf_counter() + duration_s
-        from export.verify import error_stats  # noqa: F401 (imports torch now, not during the load)
-
         bar = None
         if progress:
             from tqdm import tqdm

@@ -10,6 +10,7 @@ Imported only by the `serve` command (and Serve's replicas): it imports Ray.
 """
 
 import asyncio
+import json
 import logging
 import os
 import re
@@ -24,7 +25,7 @@ from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 from starlette.requests import Request
 from starlette.responses import Response
 
-from export.manifest import read_manifest
+from export.manifest import MANIFEST, read_manifest
 from export.oip import ModelSpec, RequestError, close_names, encode_infer_response, error_body, parse_infer_request
 from zoo.base import pack_outputs
 
@@ -108,8 +109,6 @@ ROUTES = [
 
 
 def _json(obj: Any, status: int = 200) -> Response:
-    import json
-
     return Response(json.dumps(obj).encode(), status_code=status, media_type="application/json")
 
 
@@ -127,7 +126,7 @@ class OipIngress:
         self.specs: Dict[str, ModelSpec] = {}
         for d in directories:
             manifest = read_manifest(Path(d))
-            spec = ModelSpec.from_manifest(manifest, (Path(d) / "manifest.json").read_bytes(), engine, precision)
+            spec = ModelSpec.from_manifest(manifest, (Path(d) / MANIFEST).read_bytes(), engine, precision)
             self.specs[spec.name] = spec
         self.handles = {name: serve.get_deployment_handle("Backbone", app_name=name) for name in self.specs}
         self.max_request_bytes = max_request_bytes

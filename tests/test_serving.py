@@ -306,6 +306,7 @@ def test_a_killed_replica_costs_at_most_retriable_errors(server, ray_driver, mod
         task = asyncio.create_task(run_load(server.url, "mnistmlp", 400, 16, timeout_s=TIMEOUT_S,
                                             duration_s=60, expected=expected, x=x))
         await asyncio.sleep(0.5)
+        assert not task.done(), "the load ended before the replica was killed"
         ray_driver.kill(ray_driver.get_actor(victim, namespace="serve"), no_restart=True)
         return await task
 
@@ -322,6 +323,8 @@ def test_a_killed_replica_costs_at_most_retriable_errors(server, ray_driver, mod
         time.sleep(0.5)
     else:
         pytest.fail(f"deployment did not recover to 2 running replicas: {states}")
+    names_after = {handle.replica_info.remote().result(timeout_s=TIMEOUT_S)["actor_name"] for _ in range(20)}
+    assert victim not in names_after and len(names_after) == 2, names_after  # a new replica replaced it
     after = asyncio.run(run_load(server.url, "mnistmlp", 100, 8, timeout_s=TIMEOUT_S, expected=expected, x=x))
     assert not after.errors and after.wrong == 0 and len(after.latencies_s) == 100, after.report()
 
