@@ -57,13 +57,14 @@ def randomise_bn_affine(net: torch.nn.Module, seed: int = 1) -> None:
                 m.bias.copy_(torch.randn(c, generator=gen) * 0.1)
 
 
-def backbone_params():
-    """pytest params over the registry, slow ones marked. All tests of one backbone form one
-    xdist group (`--dist loadgroup`), so each backbone is exported once per run."""
+def backbone_params(*names: str):
+    """pytest params over the registry (or the backbones named), slow ones marked. All tests of
+    one backbone form one xdist group (`--dist loadgroup`), so each backbone is exported once per
+    run, whether a test takes every backbone or a few by name."""
     return [
         pytest.param(n, id=n, marks=[pytest.mark.xdist_group(f"backbone-{n}")]
                      + ([pytest.mark.slow] if case_for(n).slow else []))
-        for n in list_backbones()
+        for n in (names or list_backbones())
     ]
 
 

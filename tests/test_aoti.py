@@ -2,7 +2,9 @@
 weights replaceable without recompiling, and clear refusals.
 
 Compiling costs ~5-15 s per package here, so these tests share one small export per backbone
-(mnistmlp and an 8-filter ResNet-18) and run on one xdist worker.
+(mnistmlp with every mode, an 8-filter ResNet-18 with 'out' and 'full': the heads are the same
+code for every backbone, and 'full' holds every output the other modes return) and run on one
+xdist worker.
 """
 
 import json
@@ -24,6 +26,7 @@ from zoo import RETURNT_MODES
 
 pytestmark = pytest.mark.xdist_group("aoti")
 NAMES = ["mnistmlp", "resnet18"]
+MODES = {"mnistmlp": list(RETURNT_MODES), "resnet18": ["out", "full"]}
 
 
 @pytest.fixture(scope="module")
@@ -36,15 +39,19 @@ def aoti_root(tmp_path_factory):
 _BUILT = {}
 
 
-@pytest.fixture
-def aoti_export(name, aoti_root):
-    """(net, result): every mode as an any-batch package, plus TorchScript (for C++)."""
+def built(name: str, root: Path):
+    """(net, result): MODES[name] as any-batch packages, plus TorchScript (for C++), once."""
     if name not in _BUILT:
         net, shape = build_small(name)
-        result = export_backbone(net, aoti_root / name, formats=["torchscript", "exported", "aoti"],
-                                 input_shape=shape)
+        result = export_backbone(net, root / name, modes=MODES[name],
+                                 formats=["torchscript", "exported", "aoti"], input_shape=shape)
         _BUILT[name] = (net, result)
     return _BUILT[name]
+
+
+@pytest.fixture
+def aoti_export(name, aoti_root):
+    return built(name, aoti_root)
 
 
 
@@ -53,7 +60,8 @@ def test_packages_are_verified_and_recorded(name, aoti_export):
     _, result = aoti_export
     assert result.ok, result.failures
     m = result.manifest
-    for mode in RETURNT_MODES:
+    assert sorted(m["modes"]) == sorted(MODES[name])
+    for mode in MODES[name]:
         info = m["programs"][f"{mode}.aoti.pt2"]
         assert info["format"] == "aoti" and info["mode"] == mode and info["batch"] is None
         assert info["torch"] == torch.__version__ and info["seconds"] > 0 and info["compiler"]
@@ -70,7 +78,7 @@ def test_aoti_engine_matches_eager_and_takes_new_weights(name, aoti_export):
     assert torch.equal(runtime.get_params(), net.get_params())
     for batch in (1, 5, 40):  # 40: above the wrong bound torch 2.14's input check would apply
         x = torch.randn(batch, *runtime.input_shape, generator=torch.Generator().manual_seed(batch))
-        for mode in RETURNT_MODES:
+        for mode in MODES[name]:
             with torch.no_grad():
                 want = net(x, returnt=mode)
             got = runtime(x, returnt=mode)
@@ -192,16 +200,17 @@ def _cxx_build(tmp_path: Path) -> Path:
     return tmp_path / "run_model"
 
 
-@pytest.mark.parametrize("name", ["resnet18"])
-def test_cpp_example_matches_eager(name, aoti_export, tmp_path):
-    """examples/cpp/run_model loads out/full.aoti.pt2 (AOTIModelPackageLoader) and both.pt
-    (torch::jit::load) in C++ and writes outputs equal to eager's."""
-    net, result = aoti_export
+def test_cpp_example_matches_eager(aoti_root, tmp_path):
+    """examples/cpp/run_model loads ResNet-18's out/full.aoti.pt2 (AOTIModelPackageLoader; a
+    tensor and a list) and mnistmlp's both.pt (torch::jit::load; a tuple) in C++ and writes
+    outputs equal to eager's."""
     binary = _cxx_build(tmp_path)
-    x = torch.randn(3, *result.manifest["input"]["shape"][1:], generator=torch.Generator().manual_seed(1))
-    torch.save(x, tmp_path / "input.pt")
     env = {k: v for k, v in os.environ.items() if k != "AOTI_RUNTIME_CHECK_INPUTS"}
-    for file, mode in (("out.aoti.pt2", "out"), ("full.aoti.pt2", "full"), ("both.pt", "both")):
+    for name, file, mode in (("resnet18", "out.aoti.pt2", "out"), ("resnet18", "full.aoti.pt2", "full"),
+                             ("mnistmlp", "both.pt", "both")):
+        net, result = built(name, aoti_root)
+        x = torch.randn(3, *result.manifest["input"]["shape"][1:], generator=torch.Generator().manual_seed(1))
+        torch.save(x, tmp_path / "input.pt")
         out = tmp_path / f"{file}.out.pt"
         proc = subprocess.run([str(binary), str(result.directory / file), str(tmp_path / "input.pt"), str(out)],
                               capture_output=True, text=True, env=env, timeout=120)

@@ -42,7 +42,7 @@ def test_every_engine_matches_eager(name, engine, export):
 
 
 @pytest.mark.parametrize("engine", DEFAULT_ENGINES)
-@pytest.mark.parametrize("name", ["resnet18", "mnistmlp"])
+@pytest.mark.parametrize("name", backbone_params("resnet18", "mnistmlp"))
 def test_every_engine_takes_a_new_vector(name, engine, export):
     net, result = export
     net = copy.deepcopy(net)
@@ -65,7 +65,7 @@ def test_every_engine_takes_a_new_vector(name, engine, export):
         runtime.set_params(torch.full_like(new, float("nan")))
 
 
-@pytest.mark.parametrize("name", ["resnet18"])
+@pytest.mark.parametrize("name", backbone_params("resnet18"))
 def test_load_refuses_bad_choices(name, export, tmp_path):
     _, result = export
     with pytest.raises(ExportError, match="unknown engine 'tensorrt'; allowed: onnxruntime, openvino, torchscript"):
@@ -83,7 +83,7 @@ def test_load_refuses_bad_choices(name, export, tmp_path):
 
 
 @pytest.mark.parametrize("engine", ["torchscript", "exported"])
-@pytest.mark.parametrize("name", ["resnet18"])
+@pytest.mark.parametrize("name", backbone_params("resnet18"))
 def test_engines_refuse_a_tampered_file(name, engine, export, tmp_path):
     _, result = export
     copy_dir = tmp_path / "copy"
@@ -99,7 +99,7 @@ def test_engines_refuse_a_tampered_file(name, engine, export, tmp_path):
     assert main(["verify", str(copy_dir)]) == 1
 
 
-@pytest.mark.parametrize("name", ["resnet18", "mnistmlp"])
+@pytest.mark.parametrize("name", backbone_params("resnet18", "mnistmlp"))
 def test_params_cli_on_programs(name, export, tmp_path, capsys):
     """params read/write on a .ep.pt2: bit-equal vectors, a copy that runs the new weights."""
     net, result = export
@@ -122,7 +122,7 @@ def test_params_cli_on_programs(name, export, tmp_path, capsys):
     assert "refusing to overwrite an exported artifact" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("name", ["resnet18"])
+@pytest.mark.parametrize("name", backbone_params("resnet18"))
 def test_program_of_another_model_is_refused(name, export, export_root, tmp_path, capsys):
     """A .ep.pt2 of mnistmlp written with resnet18's layout: one line with the expected layout."""
     from tests.conftest import exported
@@ -141,7 +141,7 @@ def test_program_of_another_model_is_refused(name, export, export_root, tmp_path
     assert "not a torch.export program" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("name", ["mnistmlp"])
+@pytest.mark.parametrize("name", backbone_params("mnistmlp"))
 def test_formats_subset_and_manifest(name, export, tmp_path):
     """Only the asked formats are written; an engine without its files says what to export."""
     from export.core import export_backbone

@@ -183,7 +183,7 @@ def test_outputs_have_unit_scale(name, export):
             assert out.abs().max() > 1e-2, (spec["name"], float(out.abs().max()))
 
 
-@pytest.mark.parametrize("name", ["resnet18", "mnistmlp"])
+@pytest.mark.parametrize("name", backbone_params("resnet18", "mnistmlp"))
 def test_artifacts_load_without_the_zoo(name, export):
     _, result = export
     code = f"""

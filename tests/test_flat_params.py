@@ -100,7 +100,7 @@ def test_grads_agree_eager_and_torchscript(name, mode, export):
     torch.testing.assert_close(ts.get_grads(), net.get_grads())
 
 
-@pytest.mark.parametrize("name", ["resnet32"])
+@pytest.mark.parametrize("name", backbone_params("resnet32"))
 def test_unused_parameters_round_trip(name, export, tmp_path):
     """resnet32's bn_final is in no graph, but in every file's flat vector."""
     net, result = export
@@ -109,7 +109,7 @@ def test_unused_parameters_round_trip(name, export, tmp_path):
     assert torch.equal(read_onnx_params(result.directory / "out.onnx"), net.get_params())
 
 
-@pytest.mark.parametrize("name", ["mnistmlp"])
+@pytest.mark.parametrize("name", backbone_params("mnistmlp"))
 def test_bad_vectors_and_files(name, export, tmp_path):
     net, result = export
     src = result.directory / "out.onnx"
@@ -153,7 +153,7 @@ def test_bad_vectors_and_files(name, export, tmp_path):
         read_onnx_params(src, manifest)
 
 
-@pytest.mark.parametrize("name", ["resnet18"])
+@pytest.mark.parametrize("name", backbone_params("resnet18"))
 def test_external_data_files(name, export, tmp_path):
     net, result = export
     src = tmp_path / "ext.onnx"
@@ -167,7 +167,7 @@ def test_external_data_files(name, export, tmp_path):
     ort_session(out).run(None, {"x": np.zeros((1, *result.manifest["input"]["shape"][1:]), np.float32)})
 
 
-@pytest.mark.parametrize("name", ["resnet18"])
+@pytest.mark.parametrize("name", backbone_params("resnet18"))
 def test_params_cli(name, export, tmp_path, capsys):
     from export.cli import main
 

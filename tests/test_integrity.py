@@ -10,8 +10,9 @@ import torch
 from export.cli import main
 from export.errors import IntegrityError, ManifestError
 from export.runtime import OnnxBackbone
+from tests.conftest import backbone_params
 
-pytestmark = pytest.mark.parametrize("name", ["mnistmlp"])
+pytestmark = pytest.mark.parametrize("name", backbone_params("mnistmlp"))
 
 
 @pytest.fixture

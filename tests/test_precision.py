@@ -66,7 +66,7 @@ def test_openvino_bf16_is_close_and_really_bf16(name, export):
     assert worst > 1e-6, "bf16 gave f32 results: the precision hint was not applied"
 
 
-@pytest.mark.parametrize("name", ["mnistmlp"])
+@pytest.mark.parametrize("name", backbone_params("mnistmlp"))
 def test_int8_engines_need_quantize_then_run(name, export, tmp_path, capsys):
     net, result = export
     d = tmp_path / "q"
@@ -93,7 +93,7 @@ def test_int8_engines_need_quantize_then_run(name, export, tmp_path, capsys):
             runtime.set_params(net.get_params())
 
 
-@pytest.mark.parametrize("name", ["mnistmlp"])
+@pytest.mark.parametrize("name", backbone_params("mnistmlp"))
 def test_calibration_from_an_image_folder(name, export, tmp_path, capsys):
     from PIL import Image
 
@@ -122,7 +122,7 @@ def test_calibration_from_an_image_folder(name, export, tmp_path, capsys):
     assert "expected an image folder or a tensor file" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("name", ["mnistmlp"])
+@pytest.mark.parametrize("name", backbone_params("mnistmlp"))
 def test_accuracy_command(name, export, tmp_path, capsys):
     net, result = export
     d = tmp_path / "a"
@@ -162,7 +162,7 @@ def test_openvino_not_installed_is_one_line(monkeypatch, tmp_path):
         openvino_core()
 
 
-@pytest.mark.parametrize("name", ["mnistmlp"])
+@pytest.mark.parametrize("name", backbone_params("mnistmlp"))
 def test_bf16_on_a_cpu_without_it_is_refused(name, export, monkeypatch):
     import export.openvino_runtime as ovr
 

@@ -8,9 +8,10 @@ import pytest
 
 from export.cli import main
 from export.runtime import OnnxBackbone
+from tests.conftest import backbone_params
 
 
-@pytest.mark.parametrize("name", ["mnistmlp"])
+@pytest.mark.parametrize("name", backbone_params("mnistmlp"))
 def test_quantize_directory(name, export, tmp_path, capsys):
     net, result = export
     d = tmp_path / "q"

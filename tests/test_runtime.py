@@ -36,7 +36,7 @@ def test_onnx_backbone_matches_eager(name, mode, export):
     assert all(isinstance(t, np.ndarray) for t in flat_outputs(got_np))
 
 
-@pytest.mark.parametrize("name", ["resnet18"])
+@pytest.mark.parametrize("name", backbone_params("resnet18"))
 def test_onnx_backbone_bad_input(name, export, tmp_path):
     _, result = export
     net = OnnxBackbone(result.directory)
@@ -60,14 +60,14 @@ def test_onnx_backbone_bad_input(name, export, tmp_path):
         OnnxBackbone(result.directory, optimization="max")
 
 
-@pytest.mark.parametrize("name", ["resnet32"])
+@pytest.mark.parametrize("name", backbone_params("resnet32"))
 def test_onnx_backbone_fixed_size(name, export):
     _, result = export
     with pytest.raises(ValueError, match=r"expected \[batch, 3x32x32\]$"):
         OnnxBackbone(result.directory)(np.zeros((1, 3, 64, 64), np.float32))
 
 
-@pytest.mark.parametrize("name", ["resnet18", "mnistmlp"])
+@pytest.mark.parametrize("name", backbone_params("resnet18", "mnistmlp"))
 def test_onnx_backbone_set_params(name, export):
     net, result = export
     net = copy.deepcopy(net)
@@ -89,7 +89,7 @@ def test_onnx_backbone_set_params(name, export):
     assert torch.equal(onnx_net.get_params(), new)
 
 
-@pytest.mark.parametrize("name", ["mnistmlp"])
+@pytest.mark.parametrize("name", backbone_params("mnistmlp"))
 def test_verify_command(name, export, tmp_path, capsys):
     _, result = export
     copy_dir = tmp_path / "copy"
@@ -111,7 +111,7 @@ def test_verify_command(name, export, tmp_path, capsys):
     assert "no manifest.json" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("name", ["mnistmlp"])
+@pytest.mark.parametrize("name", backbone_params("mnistmlp"))
 def test_verify_onnx_only_directory(name, export, tmp_path, capsys):
     """Without TorchScript files the eager reference is rebuilt from the ONNX parameters."""
     _, result = export
