@@ -19,7 +19,7 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 
-from export.errors import ExportError
+from export.errors import ExportError, check_option
 from export.oip import HEADER_LENGTH, decode_infer_response, encode_infer_request
 from export.verify import error_stats  # the export's own bound
 
@@ -165,13 +165,10 @@ def loadtest_parser() -> argparse.ArgumentParser:
 def run_loadtest(argv: Sequence[str]) -> int:
     ns = loadtest_parser().parse_args(argv)
     for flag in ("requests", "concurrency", "batch"):
-        if getattr(ns, flag) < 1:
-            raise ExportError(f"--{flag} {getattr(ns, flag)} is not allowed; expected an integer >= 1")
+        check_option(f"--{flag}", getattr(ns, flag), getattr(ns, flag) >= 1, "an integer >= 1")
     for flag in ("timeout_s", "duration_s"):
-        if not getattr(ns, flag) > 0:
-            raise ExportError(f"--{flag.replace('_', '-')} {getattr(ns, flag)} is not allowed; expected a number > 0")
-    if not ns.url.startswith(("http://", "https://")):
-        raise ExportError(f"URL {ns.url!r} is not allowed; expected http://HOST:PORT")
+        check_option(f"--{flag.replace('_', '-')}", getattr(ns, flag), getattr(ns, flag) > 0, "a number > 0")
+    check_option("URL", repr(ns.url), ns.url.startswith(("http://", "https://")), "http://HOST:PORT")
     result = asyncio.run(run_load(ns.url, ns.model, ns.requests, ns.concurrency, ns.batch, ns.timeout_s,
                                   ns.duration_s, ns.returnt, binary=not ns.json_tensors, progress=True))
     report = {"url": ns.url, "model": ns.model, "concurrency": ns.concurrency, **result.report()}

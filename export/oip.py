@@ -224,29 +224,38 @@ def _requested_outputs(spec: ModelSpec, outputs: Any, params: Dict[str, Any]) ->
     return names, binary
 
 
+def _tensor(name: str, array: np.ndarray, binary: bool, blobs: List[bytes]) -> Dict[str, Any]:
+    """A request's input or a response's output: JSON `data`, or (binary) its little-endian
+    bytes appended to `blobs` and their size in `parameters`."""
+    arr = np.ascontiguousarray(array, dtype="<f4")
+    entry: Dict[str, Any] = {"name": name, "datatype": DATATYPE, "shape": list(arr.shape)}
+    if binary:
+        blobs.append(arr.tobytes())
+        entry["parameters"] = {"binary_data_size": len(blobs[-1])}
+    else:
+        entry["data"] = arr.ravel().tolist()
+    return entry
+
+
+def _body(obj: Dict[str, Any], blobs: List[bytes]) -> Tuple[bytes, Dict[str, str]]:
+    """(body, headers): the JSON part, then the binary tensors after it when there are any."""
+    head = json.dumps(obj).encode()
+    if not blobs:
+        return head, {"content-type": "application/json"}
+    return head + b"".join(blobs), {"content-type": "application/octet-stream", HEADER_LENGTH: str(len(head))}
+
+
 def encode_infer_response(spec: ModelSpec, request: InferRequest,
                           results: Dict[str, np.ndarray]) -> Tuple[bytes, Dict[str, str]]:
     """(body, headers) of an infer response: JSON `data` per output, or for the outputs asked
-    in binary their little-endian bytes after the JSON header."""
-    entries: List[Dict[str, Any]] = []
+    in binary their bytes after the JSON header."""
     blobs: List[bytes] = []
-    for name in request.outputs:
-        arr = np.ascontiguousarray(results[name], dtype="<f4")
-        entry: Dict[str, Any] = {"name": name, "datatype": DATATYPE, "shape": list(arr.shape)}
-        if request.binary[name]:
-            blobs.append(arr.tobytes())
-            entry["parameters"] = {"binary_data_size": len(blobs[-1])}
-        else:
-            entry["data"] = arr.ravel().tolist()
-        entries.append(entry)
+    entries = [_tensor(n, results[n], request.binary[n], blobs) for n in request.outputs]
     resp: Dict[str, Any] = {"model_name": spec.name, "model_version": MODEL_VERSION,
                             "parameters": {"returnt": request.mode}, "outputs": entries}
     if request.id is not None:
         resp["id"] = request.id
-    head = json.dumps(resp).encode()
-    if not blobs:
-        return head, {"content-type": "application/json"}
-    return head + b"".join(blobs), {"content-type": "application/octet-stream", HEADER_LENGTH: str(len(head))}
+    return _body(resp, blobs)
 
 
 def error_body(message: str) -> bytes:
@@ -274,18 +283,11 @@ def decode_infer_response(body: bytes, header_length: Optional[str] = None) -> D
 def encode_infer_request(input_name: str, x: np.ndarray, outputs: Sequence[str] = (),
                          returnt: Optional[str] = None, binary: bool = True) -> Tuple[bytes, Dict[str, str]]:
     """(body, headers) of an infer request for `x` (the loadtest's client side)."""
-    x = np.ascontiguousarray(x, dtype="<f4")
-    tensor: Dict[str, Any] = {"name": input_name, "datatype": DATATYPE, "shape": list(x.shape)}
-    if binary:
-        tensor["parameters"] = {"binary_data_size": x.nbytes}
-    else:
-        tensor["data"] = x.ravel().tolist()
-    req: Dict[str, Any] = {"inputs": [tensor], "parameters": {"binary_data_output": binary}}
+    blobs: List[bytes] = []
+    req: Dict[str, Any] = {"inputs": [_tensor(input_name, x, binary, blobs)],
+                           "parameters": {"binary_data_output": binary}}
     if outputs:
         req["outputs"] = [{"name": n} for n in outputs]
     if returnt is not None:
         req["parameters"]["returnt"] = returnt
-    head = json.dumps(req).encode()
-    if not binary:
-        return head, {"content-type": "application/json"}
-    return head + x.tobytes(), {"content-type": "application/octet-stream", HEADER_LENGTH: str(len(head))}
+    return _body(req, blobs)

@@ -35,7 +35,8 @@ class OnnxBackbone(RuntimeBackbone):
             verify_hashes: check every file against the manifest's sha256 before using it.
                 Turn off only for files you know are the ones the manifest describes.
             precision: fp32 (`<mode>.onnx`) or int8 (`<mode>.int8.onnx`, from `quantize`).
-            spin_wait: threads busy-wait between calls (see `export.verify.ort_session`).
+            spin_wait: onnxruntime threads busy-wait between calls (fastest alone on the cores; off
+                where other processes share them, as in a server).
         """
         super().__init__(directory, verify_hashes)
         if optimization not in OPTIMIZATION_LEVELS:

@@ -14,7 +14,7 @@ import threading
 from pathlib import Path
 from typing import Any, Dict, List, Sequence
 
-from export.errors import ExportError
+from export.errors import ExportError, check_option
 from export.runtime_base import ENGINES
 
 
@@ -57,23 +57,15 @@ def serve_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _positive(value: float, flag: str, allowed: str = "a number > 0") -> None:
-    if not value > 0:
-        raise ExportError(f"{flag} {value:g} is not allowed; expected {allowed}")
-
-
 def check_options(ns: argparse.Namespace) -> None:
     """One line per bad value, before anything starts."""
-    _positive(ns.replicas, "--replicas", "an integer >= 1")
-    _positive(ns.max_batch_size, "--max-batch-size", "an integer >= 1")
-    _positive(ns.max_request_mb, "--max-request-mb")
-    _positive(ns.request_timeout_s, "--request-timeout-s")
-    if ns.batch_wait_ms < 0:
-        raise ExportError(f"--batch-wait-ms {ns.batch_wait_ms:g} is not allowed; expected a number >= 0")
-    if ns.threads is not None:
-        _positive(ns.threads, "--threads", "an integer >= 1")
-    if not 0 < ns.port < 65536:
-        raise ExportError(f"--port {ns.port} is not allowed; expected 1-65535")
+    check_option("--replicas", ns.replicas, ns.replicas >= 1, "an integer >= 1")
+    check_option("--max-batch-size", ns.max_batch_size, ns.max_batch_size >= 1, "an integer >= 1")
+    check_option("--max-request-mb", ns.max_request_mb, ns.max_request_mb > 0, "a number > 0")
+    check_option("--request-timeout-s", ns.request_timeout_s, ns.request_timeout_s > 0, "a number > 0")
+    check_option("--batch-wait-ms", ns.batch_wait_ms, ns.batch_wait_ms >= 0, "a number >= 0")
+    check_option("--threads", ns.threads, ns.threads is None or ns.threads >= 1, "an integer >= 1")
+    check_option("--port", ns.port, 0 < ns.port < 65536, "1-65535")
     if ns.haproxy and ns.address is not None:
         raise ExportError("--haproxy applies to a local Ray instance; on a cluster set RAY_SERVE_ENABLE_HA_PROXY=1 "
                           "in its environment")

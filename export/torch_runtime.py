@@ -16,7 +16,7 @@ import torch
 from export.flat_vector import check_params_vector
 from export.manifest import artifact_name
 from export.runtime_base import RuntimeBackbone
-from zoo.base import RETURNT_MODES
+from zoo.base import RETURNT_MODES, unpack_outputs
 
 
 class TorchBackbone(RuntimeBackbone):
@@ -59,7 +59,7 @@ class TorchBackbone(RuntimeBackbone):
         fn = self._callable(mode, x.shape[0])
         with torch.no_grad(), self._threads():
             out = fn(torch.from_numpy(x).to(self.device))
-        return [out] if isinstance(out, torch.Tensor) else list(out)
+        return unpack_outputs(out)
 
     def set_params(self, vector: torch.Tensor, allow_nonfinite: bool = False) -> None:
         """Use `vector` (eager `get_params()` order) as the parameters of every mode."""

@@ -17,7 +17,7 @@ import json
 from pathlib import Path
 from typing import Any, Dict, List, Sequence, Tuple
 
-from export.errors import ExportError
+from export.errors import ExportError, check_option
 from export.manifest import SHARED_WEIGHTS, artifact_name, free_dims, input_dims, read_manifest, read_verified
 from export.transaction import DirectoryTransaction
 from zoo.base import RETURNT_MODES
@@ -42,14 +42,14 @@ def model_config(manifest: Dict[str, Any], mode: str, backend: str, max_batch_si
     platform, fmt, _, _ = BACKENDS[backend]
     spec = manifest["input"]
     batched = "batch" in spec.get("dynamic", [])
+    skip = 1 if batched else 0  # with max_batch_size > 0, Triton's dims leave the batch out
     outputs = manifest["modes"][mode]["outputs"]
     if backend == "pytorch":
-        inputs = [_tensor("INPUT__0", input_dims(manifest)[1 if batched else 0:], spec["name"])]
-        outs = [_tensor(f"OUTPUT__{i}", free_dims(o["shape"])[1 if batched else 0:], o["name"])
-                for i, o in enumerate(outputs)]
+        inputs = [_tensor("INPUT__0", input_dims(manifest)[skip:], spec["name"])]
+        outs = [_tensor(f"OUTPUT__{i}", free_dims(o["shape"])[skip:], o["name"]) for i, o in enumerate(outputs)]
     else:
-        inputs = [_tensor(spec["name"], input_dims(manifest)[1 if batched else 0:])]
-        outs = [_tensor(o["name"], free_dims(o["shape"])[1 if batched else 0:]) for o in outputs]
+        inputs = [_tensor(spec["name"], input_dims(manifest)[skip:])]
+        outs = [_tensor(o["name"], free_dims(o["shape"])[skip:]) for o in outputs]
     file = artifact_name(mode, fmt)
     params = {"returnt": mode, "backbone": manifest["backbone"]["name"], "source_file": file,
               "source_sha256": manifest["files"][file]["sha256"],
@@ -129,10 +129,8 @@ def run_triton(argv: Sequence[str]) -> int:
     if unknown or not backends:
         raise ExportError(f"--backends {ns.backends!r}: {', '.join(unknown) or 'empty'}; "
                           f"allowed: {', '.join(BACKENDS)}")
-    if ns.max_batch_size < 1:
-        raise ExportError(f"--max-batch-size {ns.max_batch_size} is not allowed; expected an integer >= 1")
-    if ns.queue_delay_us < 0:
-        raise ExportError(f"--queue-delay-us {ns.queue_delay_us} is not allowed; expected an integer >= 0")
+    check_option("--max-batch-size", ns.max_batch_size, ns.max_batch_size >= 1, "an integer >= 1")
+    check_option("--queue-delay-us", ns.queue_delay_us, ns.queue_delay_us >= 0, "an integer >= 0")
     for d in ns.directories:
         if not d.is_dir():
             raise ExportError(f"{d} is not a directory; expected an export directory (manifest.json)")

@@ -7,7 +7,7 @@ import numpy as np
 import torch
 
 from export.torchscript_export import load_torchscript
-from zoo.base import MammothBackbone
+from zoo.base import MammothBackbone, unpack_outputs
 
 #: The bound, elementwise: |exported - eager| <= ATOL * scale + RTOL * |eager|, with
 #: scale = max|eager| of that output. Both terms follow the output's own magnitude, so the
@@ -21,10 +21,6 @@ RTOL = 1e-4
 #: |eager| below REL_FLOOR * scale counts as that much when reporting the relative error
 REL_FLOOR = 1e-3
 BATCHES = (1, 3)  # the export's example batch is 2: neither is it
-
-
-def as_list(out) -> List[torch.Tensor]:
-    return [out] if isinstance(out, torch.Tensor) else list(out)
 
 
 def sample_inputs(input_shape: Sequence[int], seed: int = 0, images: bool = False,
@@ -68,7 +64,7 @@ def eager_outputs(net: MammothBackbone, mode: str, inputs: List[torch.Tensor], d
                   preprocess: Optional[torch.nn.Module] = None) -> List[List[np.ndarray]]:
     """The eager reference: `net(preprocess(x), returnt=mode)` for every input, as numpy."""
     with torch.no_grad():
-        return [[t.cpu().numpy() for t in as_list(net(_apply(preprocess, x.to(device)), returnt=mode))]
+        return [[t.cpu().numpy() for t in unpack_outputs(net(_apply(preprocess, x.to(device)), returnt=mode))]
                 for x in inputs]
 
 
@@ -81,7 +77,7 @@ def compare(run: Callable[[torch.Tensor], Sequence[Any]], names: List[str], inpu
     per_output: Dict[str, list] = {n: [] for n in names}
     with torch.no_grad():
         for x, want in zip(inputs, expected):
-            got = [g.detach().cpu().numpy() if isinstance(g, torch.Tensor) else g for g in as_list(run(x))]
+            got = [g.detach().cpu().numpy() if isinstance(g, torch.Tensor) else g for g in unpack_outputs(run(x))]
             for name, g, w in zip(names, got, want):
                 per_output[name].append(error_stats(g, w))
     return {n: merge(s) for n, s in per_output.items()}

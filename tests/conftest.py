@@ -13,6 +13,7 @@ import torch
 from export.verify import error_stats
 from tests.cases import case_for
 from zoo import get_backbone, list_backbones
+from zoo.base import unpack_outputs
 from zoo.unit_scale import set_unit_scale
 
 REPO = Path(__file__).resolve().parents[1]
@@ -84,9 +85,8 @@ def load_vector(path: Path) -> Dict[str, Any]:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
-def flat_outputs(out) -> list:
-    """A returnt call's outputs as a list (one tensor/array for 'out' and 'features')."""
-    return list(out) if isinstance(out, (list, tuple)) else [out]
+#: a returnt call's outputs as a list, whatever the mode
+flat_outputs = unpack_outputs
 
 
 def assert_within_bound(got, want) -> None:

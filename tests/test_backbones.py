@@ -5,6 +5,7 @@ import torch
 
 from tests.conftest import backbone_params, build_small
 from zoo import RETURNT_MODES
+from zoo.base import unpack_outputs
 
 
 @pytest.fixture(scope="module", params=backbone_params())
@@ -50,9 +51,7 @@ def test_backbone_scripts_with_returnt(built):
     with torch.no_grad():
         for mode in RETURNT_MODES:
             got, want = scripted(x, mode), net(x, returnt=mode)
-            got = [got] if isinstance(got, torch.Tensor) else list(got)
-            want = [want] if isinstance(want, torch.Tensor) else list(want)
-            for g, w in zip(got, want):
+            for g, w in zip(unpack_outputs(got), unpack_outputs(want)):
                 torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
 
 
@@ -123,6 +122,5 @@ def test_forward_and_heads_follow_the_one_mode_table(built):
             want = pack_outputs(mode, [full[n] for n in outputs])
             for got in (net(x, returnt=mode), make_head(net, mode)(x)):
                 assert type(got) is type(want)
-                got_list = [got] if isinstance(got, torch.Tensor) else list(got)
-                want_list = [want] if isinstance(want, torch.Tensor) else list(want)
-                assert all(torch.equal(g, w) for g, w in zip(got_list, want_list, strict=True)), mode
+                assert all(torch.equal(g, w) for g, w in zip(unpack_outputs(got), unpack_outputs(want),
+                                                             strict=True)), mode

@@ -10,8 +10,8 @@ import torch
 
 from export.core import DEFAULT_FORMATS
 from export.manifest import artifact_name
-from export.verify import as_list, load_torchscript, ort_session
-from tests.conftest import assert_within_bound, backbone_params, cached_program
+from export.verify import load_torchscript, ort_session
+from tests.conftest import assert_within_bound, backbone_params, cached_program, flat_outputs
 from zoo import RETURNT_MODES
 
 BACKBONES = backbone_params()
@@ -81,7 +81,7 @@ def _raw_loader(fmt: str, path, names):
         session = ort_session(path)
         return lambda x: session.run(names, {"x": x.numpy()})
     module = load_torchscript(path) if fmt == "torchscript" else cached_program(path).module()
-    return lambda x: [t.numpy() for t in as_list(module(x))]
+    return lambda x: [t.numpy() for t in flat_outputs(module(x))]
 
 
 @pytest.mark.parametrize("fmt", DEFAULT_FORMATS)
@@ -97,7 +97,7 @@ def test_exported_matches_eager(name, mode, fmt, export):
     for batch in (1, 5):
         x = torch.randn(batch, *shape, generator=torch.Generator().manual_seed(batch + 7))
         with torch.no_grad():
-            want = [t.numpy() for t in as_list(net(x, returnt=mode))]
+            want = [t.numpy() for t in flat_outputs(net(x, returnt=mode))]
             got = run(x)
         assert len(got) == len(want) == len(names)
         for g, w in zip(got, want):

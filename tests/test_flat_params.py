@@ -10,8 +10,8 @@ import torch
 from export.flat_params import ParamsError, read_onnx_params, write_onnx_params
 from export.manifest import read_manifest
 from export.program_export import program_params, set_program_params
-from export.verify import as_list, load_torchscript, ort_session
-from tests.conftest import assert_within_bound, backbone_params, cached_program
+from export.verify import load_torchscript, ort_session
+from tests.conftest import assert_within_bound, backbone_params, cached_program, flat_outputs
 from zoo import RETURNT_MODES
 
 BACKBONES = backbone_params()
@@ -20,8 +20,8 @@ BACKBONES = backbone_params()
 
 def _outputs(net, ts, onnx_path, mode, x):
     with torch.no_grad():
-        eager = [t.numpy() for t in as_list(net(x, returnt=mode))]
-        script = [t.numpy() for t in as_list(ts(x))]
+        eager = [t.numpy() for t in flat_outputs(net(x, returnt=mode))]
+        script = [t.numpy() for t in flat_outputs(ts(x))]
     onnx_out = ort_session(onnx_path).run(None, {"x": x.numpy()})
     return eager, script, onnx_out
 
@@ -71,7 +71,7 @@ def test_new_vector_gives_same_outputs_everywhere(name, mode, export, tmp_path):
     set_program_params(program, new, layout)  # in memory; writing files is tested in test_engines
     assert torch.equal(program_params(program, layout), new)
     with torch.no_grad():
-        for g, e in zip(as_list(program.module()(x)), eager):
+        for g, e in zip(flat_outputs(program.module()(x)), eager):
             assert_within_bound(g.numpy(), e)
     assert any(not np.allclose(a, b, rtol=1e-3, atol=1e-3) for a, b in zip(eager, before)), \
         "outputs did not change: the test could not fail"
@@ -88,9 +88,9 @@ def test_grads_agree_eager_and_torchscript(name, mode, export):
     with pytest.raises(torch.jit.Error, match="no parameter has a gradient yet"):
         ts.get_grads()  # TorchScript raises its own error type around the RuntimeError
     # (t - 1)**2, not t**2: some classifiers start at zero (torchvision's ViT head)
-    loss_eager = sum((t - 1).square().mean() for t in as_list(net(x, returnt=mode)))
+    loss_eager = sum((t - 1).square().mean() for t in flat_outputs(net(x, returnt=mode)))
     loss_eager.backward()
-    loss_ts = sum((t - 1).square().mean() for t in as_list(ts(x)))
+    loss_ts = sum((t - 1).square().mean() for t in flat_outputs(ts(x)))
     loss_ts.backward()
     g_eager, g_ts = net.get_grads(), ts.get_grads()
     torch.testing.assert_close(g_ts, g_eager, rtol=1e-4, atol=1e-6)

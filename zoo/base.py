@@ -49,6 +49,12 @@ def pack_outputs(mode: str, outputs: List) -> ReturntOutput:
     return list(outputs)
 
 
+def unpack_outputs(out) -> List:
+    """The inverse of `pack_outputs`: a returnt call's outputs as a list (one tensor or array for
+    'out' and 'features'), for code that treats every mode alike."""
+    return list(out) if isinstance(out, (list, tuple)) else [out]
+
+
 def backbone_name(net: object) -> str:
     """The registered name a backbone was built under (the class name if built directly)."""
     return getattr(net, "registry_name", None) or type(net).__name__
