@@ -88,10 +88,14 @@ def write_repository(directories: Sequence[Path], repo: Path, backends: Sequence
                      max_batch_size: int = 32, queue_delay_us: int = 5000) -> List[Path]:
     """Every exported mode of every directory, for each backend whose files it has."""
     written: List[Path] = []
-    repo.mkdir(parents=True, exist_ok=True)
     plans = []
+    seen: Dict[str, Path] = {}
     for d in directories:
         manifest = read_manifest(d)
+        name = manifest["backbone"]["name"]
+        if name in seen:  # model directories are named after the backbone: one would replace the other
+            raise ExportError(f"{d} and {seen[name]} both hold backbone {name!r}; a repository holds it once")
+        seen[name] = d
         for backend in backends:
             fmt = BACKENDS[backend][1]
             modes = [m for m in RETURNT_MODES if artifact_name(m, fmt) in manifest["files"]]
@@ -99,6 +103,7 @@ def write_repository(directories: Sequence[Path], repo: Path, backends: Sequence
                 raise ExportError(f"{d} has no {fmt} files for the {backend} backend; export with "
                                   f"--formats {fmt} or leave {backend} out of --backends")
             plans += [(d, manifest, m, backend) for m in modes]
+    repo.mkdir(parents=True, exist_ok=True)  # only once every directory was checked
     for d, manifest, mode, backend in plans:
         written.append(write_model(d, manifest, repo, mode, backend, max_batch_size, queue_delay_us))
     return written

@@ -406,6 +406,22 @@ def test_print_config_is_a_serve_deploy_config(models):
     assert apps["resnet18"].args["replicas"] == 3 and apps["resnet18"].args["directory"] == dirs[1]
 
 
+def test_triton_repository_of_several_directories(models, tmp_path):
+    """One `triton` call over two export directories writes both models' repositories; the same
+    backbone twice is refused in one line (its model directories would replace each other)."""
+    dirs = [str(d) for _, d in models.values()]
+    proc = subprocess.run([sys.executable, "-m", "export", "triton", *dirs, "--repo", str(tmp_path / "r"),
+                           "--backends", "onnxruntime"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert sorted(p.name for p in (tmp_path / "r").iterdir() if p.is_dir()) == sorted(
+        f"{name}_{mode}" for name in models for mode in RETURNT_MODES)
+    proc = subprocess.run([sys.executable, "-m", "export", "triton", dirs[0], dirs[0], "--repo", str(tmp_path / "s"),
+                           "--backends", "onnxruntime"],
+                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
+    assert "both hold backbone 'mnistmlp'" in proc.stderr and not (tmp_path / "s").exists()
+
+
 def test_the_batch_function_splits_mixed_requests_back(models):
     """run_batch (the replica's batch function) on an in-process engine: mixed sizes and modes
     give each request exactly what a call of its own gives."""
