@@ -187,7 +187,8 @@ def _lock_held(lock: Path) -> bool:
 
 def test_concurrent_export_is_refused_with_the_owner_pid(old_set, tmp_path, capsys):
     target = fresh_copy(old_set, tmp_path)
-    slow = subprocess.Popen([sys.executable, "-m", "export", "resnet18", "--num_filters", "8",
+    # an export that holds the lock for seconds (its ONNX export alone takes several)
+    slow = subprocess.Popen([sys.executable, "-m", "export", "resnet18", "--num_filters", "8", "--formats", "onnx",
                              "--name", "m", "--out", str(tmp_path)], cwd=REPO,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
