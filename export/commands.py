@@ -73,7 +73,8 @@ def eager_from_artifacts(directory: Path, manifest: Dict[str, Any]) -> torch.nn.
         inits = {t.name: t for t in onnx.load(str(onnx_file)).graph.initializer}
         for name, buf in net.named_buffers():
             if BACKBONE_PREFIX + name in inits:
-                buf.copy_(torch.from_numpy(numpy_helper.to_array(inits[BACKBONE_PREFIX + name])))
+                # torch.tensor copies: onnx's array is read-only, which torch.from_numpy warns about
+                buf.copy_(torch.tensor(numpy_helper.to_array(inits[BACKBONE_PREFIX + name])))
     return net.eval()
 
 
