@@ -8,7 +8,7 @@ computes the same function), block arguments are plain attributes instead of nam
 """
 
 import math
-from typing import List, Literal
+from typing import List, Literal, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -116,7 +116,9 @@ class MBConvBlock(nn.Module):
 class EfficientNet(MammothBackbone):
     stage_ends: List[int]  # index of the last block of each group = a stage
 
-    def __init__(self, efficientnet_type: str = "b0", num_classes: int = 10) -> None:
+    def __init__(self, efficientnet_type: str = "b0", num_classes: int = 10,
+                 groups: Sequence[Tuple[int, int, int, int, int, int, float]] = tuple(BLOCKS)) -> None:
+        """`groups`: the b0 block groups before width/depth scaling (fewer make a smaller net)."""
         super().__init__()
         if efficientnet_type not in PARAMS:
             raise ValueError(f"unknown efficientnet_type {efficientnet_type!r}; allowed: "
@@ -130,8 +132,8 @@ class EfficientNet(MammothBackbone):
         size = _out_size(size, 2)
         blocks: List[MBConvBlock] = []
         self.stage_ends = []
-        total = sum(round_repeats(b[0], depth) for b in BLOCKS)
-        for repeats, kernel, stride, expand, inp, out, se in BLOCKS:
+        total = sum(round_repeats(g[0], depth) for g in groups)
+        for repeats, kernel, stride, expand, inp, out, se in groups:
             inp, out = round_filters(inp, width), round_filters(out, width)
             for i in range(round_repeats(repeats, depth)):
                 rate = DROP_CONNECT_RATE * float(len(blocks)) / total
@@ -141,7 +143,7 @@ class EfficientNet(MammothBackbone):
                     size = _out_size(size, stride)
             self.stage_ends.append(len(blocks) - 1)
         self._blocks = nn.ModuleList(blocks)
-        last_channels = round_filters(BLOCKS[-1][5], width)
+        last_channels = round_filters(groups[-1][5], width)
         head = round_filters(1280, width)
         self._conv_head = StaticSameConv2d(last_channels, head, 1, size, bias=False)
         self._bn1 = _bn(head)
@@ -150,7 +152,7 @@ class EfficientNet(MammothBackbone):
         self.classifier = nn.Linear(head, num_classes)
         self.feature_dim = head
         self.stages = (Stage("stem", stem),) + tuple(
-            Stage(f"blocks{i}", round_filters(b[5], width)) for i, b in enumerate(BLOCKS)) + (Stage("head", head),)
+            Stage(f"blocks{i}", round_filters(g[5], width)) for i, g in enumerate(groups)) + (Stage("head", head),)
 
     def forward_stages(self, x: Tensor) -> List[Tensor]:
         x = F.silu(self._bn0(self._conv_stem(x)))

@@ -9,7 +9,7 @@ Random weights, or a local torchvision weights file (`weights=PATH`); never a do
 """
 
 import difflib
-from typing import Dict, List, Tuple
+from typing import Dict, List, Tuple, Union
 
 import torch
 from torch import Tensor, nn
@@ -49,21 +49,32 @@ def _stage_nodes(model: nn.Module, name: str) -> List[str]:
                      "or encoder.layers)")
 
 
+def _build(model: str, num_classes: int) -> nn.Module:
+    import torchvision
+
+    known = classification_models()
+    if model not in known:
+        close = difflib.get_close_matches(model, known, n=5, cutoff=0.5)
+        raise ValueError(f"{model!r} is not a torchvision classification model"
+                         + (f"; did you mean: {', '.join(close)}?" if close else "")
+                         + f" (see torchvision.models.list_models(), {len(known)} models)")
+    return torchvision.models.get_model(model, weights=None, num_classes=num_classes)
+
+
 class TorchvisionBackbone(MammothBackbone):
     """A torchvision classifier whose `'full'` output comes from one feature-extraction graph."""
 
-    def __init__(self, model: str, num_classes: int = 10, weights: str = "", name: str = "tv") -> None:
+    def __init__(self, model: Union[str, nn.Module], num_classes: int = 10, weights: str = "",
+                 name: str = "tv") -> None:
+        """`model`: a torchvision model name, or a torchvision model instance (any configuration
+        of its class, e.g. fewer blocks; `num_classes` is then the instance's own)."""
         super().__init__()
-        import torchvision
         from torchvision.models.feature_extraction import create_feature_extractor, get_graph_node_names
 
-        known = classification_models()
-        if model not in known:
-            close = difflib.get_close_matches(model, known, n=5, cutoff=0.5)
-            raise ValueError(f"{model!r} is not a torchvision classification model"
-                             + (f"; did you mean: {', '.join(close)}?" if close else "")
-                             + f" (see torchvision.models.list_models(), {len(known)} models)")
-        net = torchvision.models.get_model(model, weights=None, num_classes=num_classes)
+        if isinstance(model, nn.Module):
+            net, model = model, type(model).__name__
+        else:
+            net = _build(model, num_classes)
         linears = [n for n, m in net.named_modules() if isinstance(m, nn.Linear)]
         if not linears:
             raise ValueError(f"torchvision model {model!r} has no Linear classifier")
