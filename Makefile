@@ -29,6 +29,8 @@ $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[test,bench,serve]'
+	@# the `python -m zoo list` table, cached (keyed by the sources): the first listing is instant too
+	$(PY) -m zoo list > /dev/null
 	@touch $(STAMP)
 
 install: $(STAMP)  ## create .venv and install the package with test extras

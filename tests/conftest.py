@@ -137,3 +137,19 @@ def export_root(tmp_path_factory) -> Iterator[Path]:
 def export(name, export_root):
     """(net, ExportResult) of the backbone parametrised as `name`."""
     return exported(name, export_root)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def zoo_list_cache(tmp_path_factory) -> Iterator[Path]:
+    """`python -m zoo list` caches its table in the user's cache directory; tests (and the
+    processes they start) use their own."""
+    from zoo.listing import CACHE_ENV
+
+    path = tmp_path_factory.mktemp("zoo-list-cache")
+    old = os.environ.get(CACHE_ENV)
+    os.environ[CACHE_ENV] = str(path)
+    yield path
+    if old is None:
+        os.environ.pop(CACHE_ENV, None)
+    else:
+        os.environ[CACHE_ENV] = old

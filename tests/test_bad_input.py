@@ -177,16 +177,17 @@ def test_cli_imports_no_onnx_until_it_exports():
 
 def test_zoo_list_builds_nothing_on_the_cpu(monkeypatch, capsys):
     import zoo.__main__ as zoo_main
+    import zoo.registry
 
     devices = []
-    real = zoo_main.get_backbone
+    real = zoo.registry.get_backbone
 
     def spy(name, **kwargs):
         net = real(name, **kwargs)
         devices.extend({p.device.type for p in net.parameters()})
         return net
 
-    monkeypatch.setattr(zoo_main, "get_backbone", spy)
-    assert zoo_main.main(["list"]) == 0
+    monkeypatch.setattr(zoo.registry, "get_backbone", spy)
+    assert zoo_main.main(["list", "--refresh"]) == 0
     assert "vit" in capsys.readouterr().out
     assert set(devices) == {"meta"}

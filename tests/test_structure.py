@@ -35,11 +35,23 @@ def test_library_never_imports_its_cli():
 
 
 def test_registry_is_complete_after_import_zoo():
-    code = "import zoo; print(len(zoo.REGISTRY.names()))"
-    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
+    """`import zoo` loads no torch; the first lookup, by any import path, loads every family."""
     from zoo import list_backbones
 
-    assert proc.returncode == 0 and int(proc.stdout) == len(list_backbones()) >= 19, proc.stderr
+    for code in ("import sys, zoo; assert 'torch' not in sys.modules; print(len(zoo.REGISTRY.names()))",
+                 "from zoo.registry import list_backbones as names; print(len(names()))",
+                 "from zoo.registry import get_backbone as get; get('mnistmlp', num_classes=3); "
+                 "from zoo import REGISTRY; print(len(REGISTRY.entries))"):
+        proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
+        assert proc.returncode == 0 and int(proc.stdout) == len(list_backbones()) >= 19, (code, proc.stderr)
+
+
+def test_a_family_name_registered_first_is_refused_at_once():
+    code = ("from zoo.registry import register_backbone\n"
+            "try:\n    register_backbone('resnet18')(lambda num_classes: None)\n"
+            "except ValueError as e:\n    print(e)")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
+    assert proc.stdout.strip() == "backbone 'resnet18' is already registered", proc.stdout + proc.stderr
 
 
 #: imports every project module as the first project import of a forked child: the heavy

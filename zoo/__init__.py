@@ -1,11 +1,13 @@
 """returnt-zoo: Mammoth-compatible backbones whose every `returnt` mode can be exported.
 
-Importing the package registers every backbone family (registration by import, as torchvision
-and timm do): `zoo.REGISTRY.names()` is complete right after `import zoo`.
+Registration by import, as torchvision and timm do: the registry imports every backbone family
+on its first lookup, so `zoo.REGISTRY.names()` is complete right after `import zoo`, while
+`import zoo` itself loads no torch (`python -m zoo list` answers from its cache without it).
 """
 
-import zoo.backbones  # noqa: F401  (registration by import: every family registers itself)
-from zoo.base import RETURNT_MODES, MammothBackbone, Stage, check_returnt
+import importlib
+from typing import Any
+
 from zoo.registry import (
     REGISTRY,
     Registry,
@@ -15,13 +17,15 @@ from zoo.registry import (
     register_backbone,
 )
 
+REGISTRY.loader = lambda: importlib.import_module("zoo.backbones")
+
 __version__ = "0.1.0"
 
+#: names defined in zoo.base (which imports torch), loaded on first use
+_BASE_NAMES = ("RETURNT_MODES", "MammothBackbone", "Stage", "check_returnt")
+
 __all__ = [
-    "RETURNT_MODES",
-    "MammothBackbone",
-    "Stage",
-    "check_returnt",
+    *_BASE_NAMES,
     "REGISTRY",
     "Registry",
     "get_backbone",
@@ -30,3 +34,9 @@ __all__ = [
     "register_backbone",
     "__version__",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _BASE_NAMES:
+        return getattr(importlib.import_module("zoo.base"), name)
+    raise AttributeError(f"module 'zoo' has no attribute {name!r}")

@@ -27,6 +27,7 @@ __all__ = [
     "get_backbone",
     "get_entry",
     "list_backbones",
+    "match_names",
 ]
 
 #: Mammoth takes `num_classes` from the dataset; on our CLI it is optional with this default.
@@ -191,11 +192,36 @@ def infer_args(builder: Callable[..., Any]) -> Tuple[ArgSpec, ...]:
     return tuple(specs)
 
 
+def match_names(names: Iterable[str], include: Optional[Iterable[str] | str] = None,
+                exclude: Optional[Iterable[str] | str] = None) -> List[str]:
+    """Sorted `names` filtered by glob patterns, as torchvision's `list_models` does."""
+    include = [include] if isinstance(include, str) else include
+    exclude = [exclude] if isinstance(exclude, str) else exclude
+    names = sorted(names)
+    if include:
+        pats = [normalise_name(p) for p in include]
+        names = [n for n in names if any(fnmatch.fnmatch(n, p) for p in pats)]
+    if exclude:
+        pats = [normalise_name(p) for p in exclude]
+        names = [n for n in names if not any(fnmatch.fnmatch(n, p) for p in pats)]
+    return names
+
+
 @dataclass
 class Registry:
-    """Name -> builder. The module-level `REGISTRY` is the default; tests make their own."""
+    """Name -> builder. The module-level `REGISTRY` is the default; tests make their own.
+
+    `loader`, when set, runs once before the first lookup or registration: the `zoo` package
+    sets it to import its families, so importing the registry does not import torch.
+    """
 
     entries: Dict[str, BackboneEntry] = field(default_factory=dict)
+    loader: Optional[Callable[[], Any]] = field(default=None, repr=False, compare=False)
+
+    def _load(self) -> None:
+        loader, self.loader = self.loader, None  # cleared first: the families register here
+        if loader is not None:
+            loader()
 
     def register(self, name: str, example: Optional[Dict[str, Any]] = None
                  ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
@@ -206,6 +232,7 @@ class Registry:
         key = normalise_name(name)
 
         def decorate(builder: Callable[..., Any]) -> Callable[..., Any]:
+            self._load()  # a name taken by a family is refused here, not when the family loads
             if key in self.entries:
                 raise ValueError(f"backbone {key!r} is already registered")
             doc = inspect.getdoc(builder) or ""
@@ -220,6 +247,7 @@ class Registry:
         return decorate
 
     def entry(self, name: str) -> BackboneEntry:
+        self._load()
         key = normalise_name(name)
         if key not in self.entries:
             close = difflib.get_close_matches(key, list(self.entries), n=5, cutoff=0.5)
@@ -244,16 +272,8 @@ class Registry:
         self, include: Optional[Iterable[str] | str] = None, exclude: Optional[Iterable[str] | str] = None
     ) -> List[str]:
         """Sorted names, filtered by glob patterns as torchvision's `list_models` does."""
-        include = [include] if isinstance(include, str) else include
-        exclude = [exclude] if isinstance(exclude, str) else exclude
-        names = sorted(self.entries)
-        if include:
-            pats = [normalise_name(p) for p in include]
-            names = [n for n in names if any(fnmatch.fnmatch(n, p) for p in pats)]
-        if exclude:
-            pats = [normalise_name(p) for p in exclude]
-            names = [n for n in names if not any(fnmatch.fnmatch(n, p) for p in pats)]
-        return names
+        self._load()
+        return match_names(self.entries, include, exclude)
 
     def add_argparse_group(
         self, parser: argparse.ArgumentParser, name: str, required: bool = True,
