@@ -71,14 +71,13 @@ class Table:
     def __init__(self, key: str, names: Optional[List[str]] = None,
                  blocks: Optional[Dict[str, str]] = None) -> None:
         self.key = key
-        self.from_cache = names is not None
+        self.changed = names is None  # a table not read from the cache is worth writing
         if names is None:
             from zoo.registry import list_backbones
 
             names = list_backbones()
         self.names: List[str] = names
         self.blocks: Dict[str, str] = dict(blocks or {})
-        self.changed = not self.from_cache
 
     @classmethod
     def load(cls, key: str, refresh: bool = False) -> "Table":
