@@ -27,10 +27,11 @@ def _tiny_vit():
 # blocks: exporting a full-size ResNet-50 or ConvNeXt-T costs ~35 s per format set, and every
 # registered backbone is exported at full size by test_all_registered_backbones_export.
 
-def _small_resnet(block: str, layers, stem: str = "imagenet"):
+def _small_resnet(block: str, layers):
+    """8 filters, the ImageNet stem (7x7 conv, max-pool) of the registered variants."""
     from zoo.backbones import resnet
 
-    net = resnet.ResNet(getattr(resnet, block), layers, 10, 8, stem=stem, input_shape=(3, 224, 224))
+    net = resnet.ResNet(getattr(resnet, block), layers, 10, 8, stem="imagenet", input_shape=(3, 224, 224))
     if block == "TorchvisionBottleneck":
         resnet._init_like_torchvision(net)
     return net

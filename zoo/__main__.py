@@ -18,8 +18,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     p_list = sub.add_parser(
         "list", help="list registered backbones with their inferred arguments",
-        description=f"List registered backbones. The table is cached in $XDG_CACHE_HOME/returnt-zoo "
-                    f"(or ${CACHE_ENV}), keyed by the zoo's sources and the torch/torchvision versions.")
+        description=f"List registered backbones. The table is cached in ${CACHE_ENV}, else "
+                    f"$XDG_CACHE_HOME/returnt-zoo, else ~/.cache/returnt-zoo, keyed by the zoo's "
+                    f"sources and the torch, torchvision and Python versions.")
     p_list.add_argument("patterns", nargs="*", help="glob patterns, e.g. 'resnet*'")
     p_list.add_argument("--names", action="store_true", help="print names only")
     p_list.add_argument("--refresh", action="store_true",
