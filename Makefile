@@ -25,10 +25,10 @@ REPO ?= triton-repo
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*##/\t/'
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml constraints.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[test,bench,serve]'
+	$(PY) -m pip install --quiet -c constraints.txt -e '.[test,bench,serve]'
 	@# the `python -m zoo list` table, cached (keyed by the sources): the first listing is instant too
 	$(PY) -m zoo list > /dev/null
 	@touch $(STAMP)
@@ -38,8 +38,9 @@ install: $(STAMP)  ## create .venv and install the package with test extras
 test: $(STAMP)  ## run the whole test suite
 	$(PY) -m pytest -n 2 --dist loadgroup $(PYTEST_ARGS)
 
-lint: $(STAMP)  ## ruff (configured in pyproject.toml); CI runs it
+lint: $(STAMP)  ## ruff and the import-linter contracts (layers, formats, registry; pyproject.toml); CI runs it
 	$(PY) -m ruff check .
+	$(VENV)/bin/lint-imports --no-logo
 
 export: $(STAMP)  ## export one backbone: make export BACKBONE=resnet [ARGS="--depth 34"]
 	$(PY) -m export $(BACKBONE) --example-args --out $(OUT) $(ARGS)

@@ -27,10 +27,3 @@ class DiskFullError(ExportError, OSError):
 
 class ParamsError(ExportError, ValueError):
     """A file or flat parameter vector that does not fit the manifest's parameter layout."""
-
-
-def check_option(flag: str, value: object, ok: bool, allowed: str) -> None:
-    """A command-line value that is not allowed: one line naming it and what is."""
-    if not ok:
-        shown = f"{value:g}" if isinstance(value, float) else value
-        raise ExportError(f"{flag} {shown} is not allowed; expected {allowed}")

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from export.verify import error_stats
+from export.store.tolerance import error_stats
 from tests.cases import case_for
 from zoo import get_backbone, list_backbones
 from zoo.base import unpack_outputs
@@ -26,7 +26,7 @@ LARGE_VECTORS = ("efficientnet-b0.pt", "reduced-resnet18.pt")
 
 def pytest_configure(config) -> None:
     """Two xdist workers share two cores: one thread each for torch and (through
-    export.verify.ort_session, which follows torch) onnxruntime, instead of four competing."""
+    export.formats.onnx.ort_session, which follows torch) onnxruntime, instead of four competing."""
     if os.environ.get("PYTEST_XDIST_WORKER"):
         torch.set_num_threads(1)
 
@@ -90,10 +90,15 @@ flat_outputs = unpack_outputs
 
 
 def assert_within_bound(got, want) -> None:
-    """The export's own bound (export.verify.error_stats), so tests and exports agree."""
+    """The export's own bound (export.store.tolerance.error_stats), so tests and exports agree."""
     stats = error_stats(np.asarray(got), np.asarray(want))
     assert stats["ok"], (f"max |diff| {stats['max_abs']:.3g} (relative {stats['max_rel']:.3g}) "
                          f"beyond the bound; {stats.get('error', '')}")
+
+
+def export_dir_snapshot(directory: Path) -> Dict[str, bytes]:
+    """Every file under an export directory (recursively) with its bytes."""
+    return {str(p.relative_to(directory)): p.read_bytes() for p in sorted(Path(directory).rglob("*")) if p.is_file()}
 
 
 _PROGRAMS: Dict[Path, Any] = {}
@@ -104,7 +109,7 @@ def cached_program(path: Path):
     a copy ~0.01 s, and many tests read the same session export."""
     import copy
 
-    from export.program_export import load_program
+    from export.formats.program import load_program
 
     if path not in _PROGRAMS:
         _PROGRAMS[path] = load_program(path)
@@ -117,7 +122,7 @@ _EXPORTS: Dict[str, Any] = {}
 def exported(name: str, root: Path):
     """Export the small configuration of `name` once per test process (all modes, formats)."""
     if name not in _EXPORTS:
-        from export.core import export_backbone
+        from export.pipeline.build import export_backbone
 
         net, shape = build_small(name)
         _EXPORTS[name] = (net, export_backbone(net, root / name, input_shape=shape))

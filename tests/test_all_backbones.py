@@ -4,7 +4,8 @@ file that sorts first, so the two workers start them early instead of one finish
 import pytest
 import torch
 
-from export.verify import load_torchscript, ort_session
+from export.formats.onnx import ort_session
+from export.formats.torchscript import load_torchscript
 from tests.conftest import assert_within_bound
 from tests.test_export_cli import run
 from zoo.registry import REGISTRY
@@ -23,8 +24,8 @@ def test_all_registered_backbones_export(capsys, tmp_path):
 def test_torchvision_vit_family(tmp_path):
     """torchvision's ViT through the adapter, at full size (its smallest member is ViT-B/16); 'full'
     alone, as its last output is 'out' and the heads are tested for every mode at small size."""
-    from export.core import export_backbone
-    from export.flat_params import read_onnx_params
+    from export.formats.onnx import read_onnx_params
+    from export.pipeline.build import export_backbone
     from zoo import get_backbone
 
     net = get_backbone("tv", model="vit_b_16").eval()

@@ -18,8 +18,8 @@ import pytest
 import torch
 
 from export.cli import main
-from export.core import export_backbone
 from export.errors import ExportError, IntegrityError, ParamsError
+from export.pipeline.build import export_backbone
 from export.runtime import load
 from tests.conftest import REPO, assert_within_bound, build_small, flat_outputs
 from zoo import RETURNT_MODES
@@ -127,9 +127,11 @@ def test_fixed_batch_package(name, aoti_export, tmp_path):
 def test_verify_rechecks_packages(name, aoti_export, capsys):
     _, result = aoti_export
     assert main(["verify", str(result.directory)]) == 0
-    out = capsys.readouterr().out
-    assert out.count(" aoti ") >= 4 + 4 * 2  # flat params and outputs of every package
-    assert "MISMATCH" not in out
+    rows = [line.split() for line in capsys.readouterr().out.splitlines()]
+    aoti_rows = [r for r in rows if len(r) >= 6 and r[2] == "aoti" or r[1:3] == ["flat", "params"] and r[3] == "aoti"]
+    # per package: its flat-parameter row and one row per output of its mode
+    expected = sum(1 + len(result.manifest["modes"][m]["outputs"]) for m in MODES[name])
+    assert len(aoti_rows) == expected and all(r[-1] == "ok" for r in aoti_rows), aoti_rows
 
 
 @pytest.mark.parametrize("name", ["mnistmlp"])
@@ -227,12 +229,33 @@ def test_cpp_example_matches_eager(aoti_root, tmp_path):
     assert proc.returncode == 2 and "expected a .aoti.pt2 or .pt file" in proc.stderr
 
 
-def test_aoti_params_are_not_a_silent_no_op():
-    """A package whose parameters inductor folded away refuses set_params in one line."""
-    from export.aoti_export import refuse_frozen
+@pytest.mark.parametrize("name", ["mnistmlp"])
+def test_aoti_params_are_not_a_silent_no_op(name, aoti_export, tmp_path):
+    """A package compiled without runtime constant folding has BatchNorm's parameters folded into
+    other constants: it is detected as not replaceable, and the engine refuses set_params in one
+    line instead of silently keeping the old weights."""
+    from export.formats.aoti import AOTI_CONFIGS, compile_package, replaceable_weights
 
-    with pytest.raises(ParamsError, match="cannot be replaced; re-export"):
-        refuse_frozen("out.aoti.pt2", {"weights_replaceable": False})
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.ReLU()).eval()
+    with torch.no_grad():
+        net[1].weight.uniform_(0.5, 1.5)
+        net[1].running_var.uniform_(0.5, 1.5)
+    program = torch.export.export(net, (torch.randn(2, 3, 8, 8),))
+    frozen = {k: v for k, v in AOTI_CONFIGS.items() if k != "aot_inductor.use_runtime_constant_folding"}
+    data, _ = compile_package(program, {}, configs=frozen)
+    assert replaceable_weights(program, data) is False
+    # the engine refuses set_params for a directory whose package is recorded so
+    net, result = aoti_export
+    d = tmp_path / "copy"
+    shutil.copytree(result.directory, d)
+    manifest = json.loads((d / "manifest.json").read_text())
+    manifest["programs"]["out.aoti.pt2"]["weights_replaceable"] = False
+    (d / "manifest.json").write_text(json.dumps(manifest))
+    runtime = load(d, engine="aoti")
+    with pytest.raises(ParamsError, match="out.aoti.pt2: inductor folded parameters .* cannot be replaced; re-export"):
+        runtime.set_params(net.get_params() * 2)
+    assert torch.equal(runtime.get_params(), net.get_params())
 
 
 def test_bench_has_aoti_rows(tmp_path, capsys):

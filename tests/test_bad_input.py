@@ -9,8 +9,8 @@ import sys
 import pytest
 import torch
 
-from export.checkpoint import read_checkpoint
 from export.cli import main
+from export.pipeline.checkpoint import read_checkpoint
 from tests.conftest import REPO, VECTORS
 from zoo.weights import CheckpointError
 
@@ -69,9 +69,9 @@ def test_export_refuses_a_directory_it_did_not_write(capsys, tmp_path):
 
 
 def test_nonfinite_weights_are_named_and_manifests_stay_json(tmp_path):
-    from export.core import export_backbone
     from export.errors import ExportError
-    from export.manifest import manifest_bytes
+    from export.pipeline.build import export_backbone
+    from export.store.manifest import manifest_bytes
     from zoo import get_backbone
 
     net = get_backbone("mnistmlp", mlp_hidden_size=4)

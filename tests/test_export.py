@@ -8,9 +8,10 @@ import onnx
 import pytest
 import torch
 
-from export.core import DEFAULT_FORMATS
-from export.manifest import artifact_name
-from export.verify import load_torchscript, ort_session
+from export.formats import DEFAULT_FORMATS
+from export.formats.onnx import ort_session
+from export.formats.torchscript import load_torchscript
+from export.store.manifest import artifact_name
 from tests.conftest import assert_within_bound, backbone_params, cached_program, flat_outputs
 from zoo import RETURNT_MODES
 
@@ -125,7 +126,8 @@ def test_one_changed_weight_fails_verification(name, export, tmp_path):
     """Verification can fail: the export's own check rejects a graph with one weight changed."""
     from onnx import numpy_helper
 
-    from export.verify import eager_outputs, sample_inputs, verify_onnx
+    from export.pipeline.verify import eager_outputs, verify_file
+    from export.store.tolerance import sample_inputs
 
     net, result = export
     manifest = result.manifest
@@ -133,7 +135,7 @@ def test_one_changed_weight_fails_verification(name, export, tmp_path):
     inputs = sample_inputs(manifest["input"]["shape"][1:])
     expected = eager_outputs(net, "full", inputs, "cpu")
     source = result.directory / "full.onnx"
-    assert all(s["ok"] for s in verify_onnx(source, names, inputs, expected, "cpu").values())
+    assert all(s["ok"] for s in verify_file("onnx", source, names, inputs, expected, "cpu").values())
     model = onnx.load(str(source))
     consumed = {i for node in model.graph.node for i in node.input}
     entry = next(e for e in manifest["flat_params"]["layout"] if e["onnx_name"] in consumed)
@@ -143,15 +145,17 @@ def test_one_changed_weight_fails_verification(name, export, tmp_path):
     init.CopyFrom(numpy_helper.from_array(values, init.name))
     tampered = tmp_path / "full.onnx"
     onnx.save(model, str(tampered))
-    stats = verify_onnx(tampered, names, inputs, expected, "cpu")
+    stats = verify_file("onnx", tampered, names, inputs, expected, "cpu")
     assert not all(s["ok"] for s in stats.values()), f"{entry['name']} changed, yet verified: {stats}"
 
 
 @pytest.mark.parametrize("name", BACKBONES)
 def test_one_changed_weight_fails_program_verification(name, export, tmp_path):
     """The same for a torch.export program: one parameter its graph reads, changed."""
-    from export.program_export import program_bytes, used_parameters
-    from export.verify import eager_outputs, sample_inputs, verify_program
+    from export.formats.base import used_parameters
+    from export.formats.program import program_bytes
+    from export.pipeline.verify import eager_outputs, verify_file
+    from export.store.tolerance import sample_inputs
 
     net, result = export
     manifest = result.manifest
@@ -159,7 +163,7 @@ def test_one_changed_weight_fails_program_verification(name, export, tmp_path):
     inputs = sample_inputs(manifest["input"]["shape"][1:])
     expected = eager_outputs(net, "full", inputs, "cpu")
     source = result.directory / "full.ep.pt2"
-    assert all(s["ok"] for s in verify_program(source, names, inputs, expected, "cpu").values())
+    assert all(s["ok"] for s in verify_file("exported", source, names, inputs, expected, "cpu").values())
     program = cached_program(source)
     used = used_parameters(program)
     entry = next(e for e in manifest["flat_params"]["layout"] if set(e["program_names"]) & used)
@@ -169,7 +173,7 @@ def test_one_changed_weight_fails_program_verification(name, export, tmp_path):
             t.view(-1)[0] += max(0.1, float(t.abs().max()))
     tampered = tmp_path / "full.ep.pt2"
     tampered.write_bytes(program_bytes(program))
-    stats = verify_program(tampered, names, inputs, expected, "cpu")
+    stats = verify_file("exported", tampered, names, inputs, expected, "cpu")
     assert not all(s["ok"] for s in stats.values()), f"{entry['name']} changed, yet verified: {stats}"
 
 

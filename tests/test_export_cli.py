@@ -5,9 +5,10 @@ import json
 import pytest
 import torch
 
-from export.atomic import atomic_path
 from export.cli import main
-from export.verify import load_torchscript, ort_session
+from export.formats.onnx import ort_session
+from export.formats.torchscript import load_torchscript
+from export.store.atomic import atomic_path
 from tests.conftest import REPO, VECTORS
 from zoo import Registry
 
@@ -132,8 +133,8 @@ def test_all_continues_past_a_failure(capsys, tmp_path, monkeypatch):
         raise RuntimeError("boom")
 
     small.register("broken")(broken)
-    monkeypatch.setattr("export.cli.REGISTRY", small)
-    monkeypatch.setattr("export.cli.list_backbones", lambda: small.names())
+    monkeypatch.setattr("export.cli.export.REGISTRY", small)
+    monkeypatch.setattr("export.cli.export.list_backbones", lambda: small.names())
     code, out, err = run(capsys, "--all", "--out", tmp_path, "--formats", "onnx")
     assert code == 1
     assert "1 exported, 1 failed" in out
@@ -151,7 +152,7 @@ def test_example_args_fill_required_ones(capsys, tmp_path):
 
 
 def test_mammoth_checkpoint_wrappers():
-    from export.checkpoint import backbone_state_from_model
+    from export.pipeline.checkpoint import backbone_state_from_model
 
     t = torch.zeros(1)
     model = {"net.module.conv1.weight": t, "module.net.bn1.bias": t, "wrappee.net.fc.weight": t,
@@ -160,7 +161,7 @@ def test_mammoth_checkpoint_wrappers():
 
 
 def test_directory_names():
-    from export.cli import dir_name
+    from export.cli.export import dir_name
     from zoo import get_entry
 
     assert dir_name(get_entry("resnet"), {"depth": 18, "width": 1, "num_classes": 10}) == "resnet"
@@ -203,7 +204,7 @@ def test_pretrained_weights_error_names_the_registered_backbone(tmp_path):
 
 def test_exports_are_byte_reproducible_and_carry_no_local_paths(tmp_path):
     """Two exports of the same weights under different RNG states: identical files."""
-    from export.core import export_backbone
+    from export.pipeline.build import export_backbone
     from zoo import get_backbone
 
     torch.manual_seed(3)

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from export.cli import main
-from export.commands import verify_directory
+from export.pipeline.verify import verify_directory
 from tests.conftest import REPO
 
 pytestmark = pytest.mark.xdist_group("faults")
@@ -36,7 +36,7 @@ import os, signal, sys
 signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
 signal.signal(signal.SIGINT, signal.default_int_handler)
 signal.signal(signal.SIGTERM, signal.SIG_DFL)
-from export import transaction
+from export.store import transaction
 point, sig = int(sys.argv[1]), int(sys.argv[2])
 seen = [0]
 def hook(real):
@@ -148,15 +148,18 @@ def test_failed_export_keeps_previous_set(old_set, tmp_path, capsys):
 
 
 def test_failed_verification_changes_nothing(old_set, tmp_path, capsys, monkeypatch):
-    import export.core as core
+    import export.pipeline.build as build
 
     target = fresh_copy(old_set, tmp_path)
     before = {p.name: p.read_bytes() for p in target.iterdir()}
+    real_verify = build.verify_file
 
-    def bad_verify(path, names, inputs, expected, device):
+    def bad_verify(fmt, path, names, inputs, expected, device="cpu"):
+        if fmt != "onnx":
+            return real_verify(fmt, path, names, inputs, expected, device)
         return {n: {"max_abs": 1.0, "max_rel": 1.0, "ok": False} for n in names}
 
-    monkeypatch.setitem(core.VERIFIERS, "onnx", bad_verify)
+    monkeypatch.setattr(build, "verify_file", bad_verify)
     code = main([*NEW, "--out", str(tmp_path)])
     err = capsys.readouterr().err
     assert code == 1 and "FAILED out.onnx: logits differ from eager" in err
@@ -225,7 +228,7 @@ def test_full_disk_is_one_line_and_keeps_the_previous_set(tmp_path, capsys, monk
         assert main(small) == 0
         capsys.readouterr()
         if not mounted:  # no tmpfs here: the same error, simulated where the bytes are written
-            from export import atomic
+            from export.store import atomic
 
             def full(*args, **kwargs):
                 raise OSError(errno.ENOSPC, "No space left on device")

@@ -7,10 +7,11 @@ import onnx
 import pytest
 import torch
 
-from export.flat_params import ParamsError, read_onnx_params, write_onnx_params
-from export.manifest import read_manifest
-from export.program_export import program_params, set_program_params
-from export.verify import load_torchscript, ort_session
+from export.errors import ParamsError
+from export.formats.onnx import ort_session, read_onnx_params, write_onnx_params
+from export.formats.program import program_params, set_program_params
+from export.formats.torchscript import load_torchscript
+from export.store.manifest import read_manifest
 from tests.conftest import assert_within_bound, backbone_params, cached_program, flat_outputs
 from zoo import RETURNT_MODES
 
@@ -179,8 +180,9 @@ def test_params_cli(name, export, tmp_path, capsys):
     assert main(["params", "write", str(src), str(tmp_path / "half.pt"), "--out", str(tmp_path / "h.onnx"),
                  "--manifest", str(result.directory / "manifest.json")]) == 0
     assert torch.equal(read_onnx_params(tmp_path / "h.onnx", result.manifest), net.get_params() * 0.5)
-    assert main(["params", "read", str(tmp_path / "half.pt")]) == 2
-    assert "expected an exported .onnx, .ep.pt2 or .aoti.pt2 file" in capsys.readouterr().err
+    (tmp_path / "v.txt").write_text("1 2 3")
+    assert main(["params", "read", str(tmp_path / "v.txt")]) == 2
+    assert "not an exported file; expected a name ending in .pt, .onnx, .ep.pt2, .aoti.pt2" in capsys.readouterr().err
     (tmp_path / "junk.onnx").write_bytes(b"junk")
     assert main(["params", "read", str(tmp_path / "junk.onnx"),
                  "--manifest", str(result.directory / "manifest.json")]) == 2

@@ -6,7 +6,7 @@ import json
 import numpy as np
 import pytest
 
-from export.oip import (
+from export.serving.oip import (
     HEADER_LENGTH,
     ModelSpec,
     RequestError,

@@ -7,8 +7,9 @@ import pytest
 import torch
 
 from export.cli import main
-from export.preprocessing import MAMMOTH_DATASETS
-from export.verify import load_torchscript, ort_session
+from export.formats.onnx import ort_session
+from export.formats.torchscript import load_torchscript
+from export.pipeline.preprocessing import MAMMOTH_DATASETS
 from tests.conftest import VECTORS
 
 CKPT = VECTORS / "checkpoints" / "mammoth_safe_resnet18.pt"

@@ -2,12 +2,14 @@
 
 import json
 import shutil
+import statistics
 
 import numpy as np
 import pytest
 
 from export.cli import main
 from export.runtime import OnnxBackbone
+from export.tools.bench import KERNEL_FLAGS
 from tests.conftest import backbone_params
 
 
@@ -39,6 +41,21 @@ def test_quantize_directory(name, export, tmp_path, capsys):
     assert "expected [N, 1x28x28]" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("name", backbone_params("resnet18"))
+def test_calibration_at_another_image_size_is_refused(name, export, tmp_path, capsys):
+    """The CIFAR ResNet takes any H x W, but int8 ranges measured on 7x7 images say nothing of
+    its 32x32 activations: refused in one line, the directory unchanged."""
+    _, result = export
+    d = tmp_path / "q"
+    shutil.copytree(result.directory, d)
+    before = {p.name: p.read_bytes() for p in d.iterdir()}
+    np.save(tmp_path / "small.npy", np.random.default_rng(0).standard_normal((8, 3, 7, 7)).astype(np.float32))
+    assert main(["quantize", str(d), "--calibration", str(tmp_path / "small.npy")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "are 7x7 images; calibrate at the export's input size 32x32" in err, err
+    assert {p.name: p.read_bytes() for p in d.iterdir()} == before
+
+
 def test_bench_report_and_json(tmp_path, capsys):
     out, png = tmp_path / "bench.json", tmp_path / "bench.png"
     code = main(["bench", "--backbone", "mnistmlp", "--batches", "1,4", "--seconds", "0.2", "--rounds", "2",
@@ -52,7 +69,14 @@ def test_bench_report_and_json(tmp_path, capsys):
     assert report["flops_per_image"] > 2 * 784 * 100  # counted, not typed
     for r in report["results"]:
         assert r["median_ms"] > 0 and r["p90_ms"] > 0 and r["images_per_s"] > 0
-        assert r["rounds"] == 2 and r["spread"] >= 0
+        rounds = r["round_medians_ms"]  # one median per interleaved round; the row's figures follow
+        assert len(rounds) == r["rounds"] == 2 and r["runs"] >= 2 * 3
+        assert r["median_ms"] == pytest.approx(statistics.median(rounds))
+        assert r["spread"] == pytest.approx((max(rounds) - min(rounds)) / statistics.median(rounds))
+        assert r["images_per_s"] == pytest.approx(r["batch"] / r["median_ms"] * 1e3)
+    stamp = report["stamp"]
+    assert stamp["cpu"]["model"] and set(stamp["cpu"]["flags"]) <= set(KERNEL_FLAGS) and stamp["commit"]
+    assert text.startswith(f"measured {stamp['date']} at commit {stamp['commit']} on {stamp['cpu']['model']}")
     acc = report["accuracy_digits"]
     by_pair = {(r["engine"], r["precision"]): r for r in acc["results"]}
     assert by_pair["onnxruntime", "fp32"]["top1"] > 0.5, "the digits model did not learn"

@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 import torch
 
-from export.core import export_backbone
+from export.pipeline.build import export_backbone
 from tests.conftest import REPO, assert_within_bound, build_small, flat_outputs
 from zoo.base import RETURNT_MODES
 
@@ -268,7 +268,7 @@ def test_concurrent_requests_of_different_sizes_and_modes_are_batched_back_corre
     mode) and every request gets its own rows back."""
     import httpx
 
-    from export.oip import HEADER_LENGTH, decode_infer_response, encode_infer_request
+    from export.serving.oip import HEADER_LENGTH, decode_infer_response, encode_infer_request
 
     net, _ = models["resnet18"]
     cases = [(_x(net.input_shape, 1 + i % 3, seed=100 + i), RETURNT_MODES[i % 4]) for i in range(24)]
@@ -292,7 +292,7 @@ def test_a_killed_replica_costs_at_most_retriable_errors(server, ray_driver, mod
     hangs, none is wrong); the deployment is back to two replicas and then all requests succeed."""
     from ray import serve
 
-    from export.loadtest import run_load
+    from export.serving.loadtest import run_load
 
     net, _ = models["mnistmlp"]
     x = _x(net.input_shape, 1, seed=11)
@@ -347,7 +347,7 @@ def test_loadtest_command_reports_and_writes_json(server, tmp_path):
 
 
 def test_loadtest_counts_wrong_numbers(server, models):
-    from export.loadtest import run_load
+    from export.serving.loadtest import run_load
 
     net, _ = models["mnistmlp"]
     x = _x(net.input_shape, 1, seed=5)
@@ -426,7 +426,7 @@ def test_the_batch_function_splits_mixed_requests_back(models):
     """run_batch (the replica's batch function) on an in-process engine: mixed sizes and modes
     give each request exactly what a call of its own gives."""
     from export.runtime import load
-    from export.serving import run_batch
+    from export.serving.app import run_batch
 
     net = load(models["mnistmlp"][1])
     items = [(_x(net.input_shape, n, seed=n), mode) for n, mode in [(1, "out"), (3, "full"), (2, "out"), (1, "both")]]

@@ -8,12 +8,12 @@ import pytest
 import torch
 
 from export.cli import main
-from export.core import export_backbone
 from export.errors import IntegrityError
-from export.flat_params import read_onnx_params
-from export.manifest import SHARED_WEIGHTS
+from export.formats.onnx import read_onnx_params
+from export.formats.torchscript import load_torchscript
+from export.pipeline.build import export_backbone
 from export.runtime import OnnxBackbone
-from export.verify import load_torchscript
+from export.store.manifest import SHARED_WEIGHTS
 from tests.conftest import assert_within_bound, build_small
 from zoo import RETURNT_MODES
 
@@ -108,7 +108,7 @@ def test_embedded_directories_are_not_rewritten(tmp_path, capsys):
 
 def test_models_over_two_gib_are_exported_shared(tmp_path, capsys, monkeypatch):
     """A self-contained ONNX file cannot hold 2 GiB: such models switch to shared weights."""
-    monkeypatch.setattr("export.onnx_export.ONNX_SINGLE_FILE_LIMIT", 1000)
+    monkeypatch.setattr("export.formats.onnx.ONNX_SINGLE_FILE_LIMIT", 1000)
     assert main(["mnistmlp", "--mlp_hidden_size", "4", "--out", str(tmp_path), "--modes", "out,full"]) == 0
     manifest = json.loads((tmp_path / "mnistmlp-mlp_hidden_size4" / "manifest.json").read_text())
     assert manifest["onnx_weights"] == "shared" and SHARED_WEIGHTS in manifest["files"]

@@ -1,9 +1,12 @@
 """The codebase's structure: registration by import, no import cycles, no references to files
 outside the repository, every module importable on its own."""
 
-import ast
+import os
+import shutil
 import subprocess
 import sys
+
+import pytest
 
 from tests.conftest import REPO
 
@@ -13,25 +16,35 @@ MODULES = sorted(
 )
 
 
-def _imports(path) -> set:
-    names = set()
-    for node in ast.walk(ast.parse(path.read_text())):
-        if isinstance(node, ast.Import):
-            names |= {a.name for a in node.names}
-        elif isinstance(node, ast.ImportFrom) and node.module:
-            names |= {node.module} | {f"{node.module}.{a.name}" for a in node.names}
-    return names
+def _lint_imports(root) -> subprocess.CompletedProcess:
+    """import-linter's contracts (pyproject.toml) on the packages under `root`."""
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    return subprocess.run([sys.executable, "-c", "import sys; from importlinter.cli import lint_imports_command; "
+                           "sys.exit(lint_imports_command())", "--no-cache", "--no-logo",
+                           "--config", str(root / "pyproject.toml")],
+                          cwd=root, env=env, capture_output=True, text=True, timeout=120)
 
 
-def test_registry_imports_no_family():
-    imported = _imports(REPO / "zoo" / "registry.py")
-    assert not any(n.startswith("zoo.backbones") for n in imported), imported
+def test_the_layers_hold():
+    proc = _lint_imports(REPO)
+    assert proc.returncode == 0 and "3 kept, 0 broken" in proc.stdout, proc.stdout + proc.stderr
 
 
-def test_library_never_imports_its_cli():
-    for path in [*(REPO / "export").rglob("*.py"), *(REPO / "zoo").rglob("*.py")]:
-        if path.name not in ("cli.py", "__main__.py"):
-            assert "export.cli" not in _imports(path), path
+@pytest.mark.parametrize("module, line, broken", [
+    ("export/store/atomic.py", "import export.cli", "layers import only downward"),
+    ("export/formats/onnx.py", "from export.formats.program import load_program", "never imports another format"),
+    ("zoo/registry.py", "import zoo.backbones.resnet", "imports no backbone family"),
+])
+def test_an_import_against_the_plan_breaks_the_contract(tmp_path, module, line, broken):
+    """The contracts can fail: one upward, sideways or family import in a copy of the tree."""
+    for part in ("export", "zoo"):
+        shutil.copytree(REPO / part, tmp_path / part, ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(REPO / "pyproject.toml", tmp_path)
+    path = tmp_path / module
+    path.write_text(path.read_text() + f"\n{line}  # noqa\n")
+    proc = _lint_imports(tmp_path)
+    assert proc.returncode == 1 and "1 broken" in proc.stdout and broken in proc.stdout.replace("\n", " "), \
+        proc.stdout + proc.stderr
 
 
 def test_registry_is_complete_after_import_zoo():
@@ -93,12 +106,47 @@ def test_no_comment_points_outside_the_repository():
 
 
 def test_zoo_and_the_export_cli_do_not_import_ray():
-    """Serving is an extra: importing the library, its CLI and its runtime loads no Ray."""
-    code = ("import sys, zoo, export.cli, export.runtime, export.core, export.oip, export.triton_repo; "
-            "from export.cli import main; main(['verify', '--help'])")
-    proc = subprocess.run([sys.executable, "-c", code + "\n", "x"], cwd=REPO, capture_output=True, text=True,
-                          timeout=120)
-    check = subprocess.run([sys.executable, "-c", "import sys, zoo, export.cli, export.runtime, export.core, "
-                            "export.oip, export.triton_repo, export.loadtest; print('ray' in sys.modules)"],
-                           cwd=REPO, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0 and check.stdout.strip() == "False", proc.stderr + check.stderr
+    """Serving is an extra: importing the library, its CLI and its runtime, and running a
+    command's --help, loads no Ray."""
+    code = ("import sys, zoo, export.cli, export.runtime, export.pipeline.build, export.serving.oip, "
+            "export.serving.triton, export.serving.loadtest, export.serving.config, export.tools.bench\n"
+            "from export.cli import main\n"
+            "try:\n    main(['verify', '--help'])\nexcept SystemExit as e:\n    print('exit', e.code)\n"
+            "print('ray imported' if 'ray' in sys.modules else 'no ray')")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert "usage: python -m export verify" in proc.stdout, proc.stdout + proc.stderr
+    assert proc.stdout.rstrip().endswith("exit 0\nno ray"), proc.stdout + proc.stderr
+
+
+def test_every_import_is_a_declared_dependency():
+    """Each third-party package the zoo and the tool import is named in pyproject.toml (the
+    dependencies or an extra), not only installed as something else's dependency."""
+    import ast
+    import importlib.metadata as metadata
+    import re
+
+    import tomllib
+
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    requirements = project["dependencies"] + [r for extra in project["optional-dependencies"].values() for r in extra]
+
+    def norm(name: str) -> str:
+        return re.sub(r"[-_.]+", "-", name).lower()
+
+    declared = {norm(re.match(r"[A-Za-z0-9_.-]+", r).group(0)) for r in requirements}
+    distributions = metadata.packages_distributions()
+    undeclared = {}
+    for path in [*REPO.glob("zoo/**/*.py"), *REPO.glob("export/**/*.py")]:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                names = [node.module]
+            else:
+                continue
+            for name in (n.split(".")[0] for n in names):
+                if name in sys.stdlib_module_names or name in ("zoo", "export"):
+                    continue
+                if not {norm(d) for d in distributions.get(name, [name])} & declared:
+                    undeclared.setdefault(name, str(path.relative_to(REPO)))
+    assert undeclared == {}, f"imported but not declared in pyproject.toml: {undeclared}"

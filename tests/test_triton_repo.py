@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
+from export.formats.torchscript import jit_deprecations_silenced
 from export.runtime import load
-from export.torchscript_export import jit_deprecations_silenced
 from tests.conftest import REPO, assert_within_bound, exported, flat_outputs
 from zoo.base import RETURNT_MODES
 
@@ -75,7 +75,7 @@ def test_repository_files_give_the_exports_outputs(repo):
 
 def test_rewrite_replaces_models_and_refuses_foreign_directories(repo, tmp_path):
     from export.errors import ExportError
-    from export.triton_repo import write_repository
+    from export.serving.triton import write_repository
 
     out, directory = repo
     written = write_repository([directory], out, ["onnxruntime"], max_batch_size=4)
@@ -90,7 +90,7 @@ def test_rewrite_replaces_models_and_refuses_foreign_directories(repo, tmp_path)
 
 
 @pytest.mark.parametrize("args, fragment", [
-    (["--backends", "tensorrt"], "--backends 'tensorrt': tensorrt; allowed: onnxruntime, pytorch"),
+    (["--backends", "tensorrt"], "unknown --backends value 'tensorrt'; allowed: onnxruntime, pytorch"),
     (["--max-batch-size", "0"], "--max-batch-size 0 is not allowed"),
 ])
 def test_bad_triton_options_are_one_line(repo, tmp_path, args, fragment):
@@ -98,3 +98,22 @@ def test_bad_triton_options_are_one_line(repo, tmp_path, args, fragment):
     proc = subprocess.run([sys.executable, "-m", "export", "triton", str(directory), "--repo", str(tmp_path / "r"),
                            *args], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and fragment in proc.stderr, proc.stderr
+
+
+def test_a_repository_that_is_a_file_or_inside_an_export_is_refused(repo, tmp_path):
+    """--repo naming an existing file, the export directory itself, or a folder inside it: one
+    line, exit 2, and nothing written (model directories there would become stray files)."""
+    from tests.conftest import export_dir_snapshot
+
+    _, directory = repo
+    (tmp_path / "file").write_text("not a directory")
+    before = export_dir_snapshot(directory)
+    for target, fragment in ((tmp_path / "file", "is a file; expected a directory"),
+                             (directory, f"is inside the export directory {directory.resolve()}"),
+                             (directory / "triton", f"is inside the export directory {directory.resolve()}")):
+        proc = subprocess.run([sys.executable, "-m", "export", "triton", str(directory), "--repo", str(target)],
+                              cwd=REPO, capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and fragment in proc.stderr, proc.stderr
+        assert "Traceback" not in proc.stderr
+    assert export_dir_snapshot(directory) == before
+    assert (tmp_path / "file").read_text() == "not a directory"

@@ -1,0 +1,64 @@
+"""`python -m export bench` (`make bench`): every engine x precision on one backbone (default
+CIFAR ResNet-18, 64 filters) at batch sizes 1, 8, 64, timed in interleaved rounds, then the
+accuracy of each on a briefly trained model (scikit-learn's digits, no download). Every figure
+is stamped with the CPU model and its kernel flags, the date and the commit."""
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any, Dict, Sequence
+
+import torch
+
+from export.cli.options import check_option
+from export.errors import ExportError
+from export.store.atomic import write_json
+from export.tools.bench import format_report, plot, run_benchmark
+from zoo.registry import get_entry
+
+
+def run_bench(argv: Sequence[str]) -> int:
+    from tqdm import tqdm
+
+    parser = argparse.ArgumentParser(prog="python -m export bench", description=__doc__)
+    parser.add_argument("--backbone", default="resnet18")
+    parser.add_argument("--arg", action="append", default=[], metavar="NAME=VALUE",
+                        help="backbone argument (default for resnet18: num_filters=64)")
+    parser.add_argument("--batches", default="1,8,64", help="batch sizes (default: %(default)s)")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads(),
+                        help="threads for every runtime (default: all cores, %(default)s)")
+    parser.add_argument("--seconds", type=float, default=3.0,
+                        help="measuring time per runtime and batch, over all rounds (default: %(default)s)")
+    parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds (default: %(default)s)")
+    parser.add_argument("--train-seconds", type=float, default=60.0,
+                        help="training time of the digits model (0 skips the accuracy table)")
+    parser.add_argument("--json", type=Path, help="also write the results as JSON here")
+    parser.add_argument("--plot", type=Path, help="also plot images/s per runtime and batch size (PNG)")
+    parser.add_argument("--no-aoti", dest="aoti", action="store_false",
+                        help="skip the AOTInductor packages (compiling them takes ~1 min)")
+    args = parser.parse_args(argv)
+    try:
+        entry = get_entry(args.backbone)
+    except KeyError as exc:
+        raise ExportError(exc.args[0]) from None
+    kwargs: Dict[str, Any] = {"num_filters": 64} if entry.name == "resnet18" else {}
+    for item in args.arg:
+        key, _, value = item.partition("=")
+        kwargs[key] = entry.arg(key).convert(value)
+    try:
+        batches = [int(b) for b in args.batches.split(",")]
+    except ValueError:
+        raise ExportError(f"--batches {args.batches!r}: expected comma-separated sizes, e.g. 1,8,64") from None
+    check_option("--batches", args.batches, min(batches) >= 1, "sizes >= 1")
+    check_option("--rounds", args.rounds, args.rounds >= 1, "an integer >= 1")
+    check_option("--threads", args.threads, args.threads >= 1, "an integer >= 1")
+    check_option("--seconds", args.seconds, args.seconds > 0, "a number > 0")
+    log = lambda msg: tqdm.write(msg, file=sys.stderr)  # noqa: E731
+    report = run_benchmark(entry.name, kwargs, batches, args.threads, args.seconds, args.rounds,
+                           args.train_seconds, args.aoti, log)
+    print(format_report(report))
+    if args.json:
+        write_json(args.json, report)
+    if args.plot:
+        plot(report, args.plot)
+    return 0

@@ -1,0 +1,241 @@
+"""AOTInductor packages: a mode's torch.export program compiled to a shared library and packed
+in a `.pt2` archive that Python (`torch._inductor.aoti_load_package`) and C++
+(`torch::inductor::AOTIModelPackageLoader`) load without the zoo, without Python in C++.
+
+`<mode>.aoti.pt2` takes any batch size (1..MAX_BATCH); `<mode>.aoti.b<N>.pt2` is compiled for
+batch N only (measured on CIFAR ResNet-18: 16.5 ms against 17.6 ms for the any-batch package at
+batch 1 on an AVX2 EPYC, so no large gain; docs/benchmarks.md has the figures). The weights are compiled in as constants
+that `load_constants` (C++: `update_constant_buffer`) replaces in memory without recompiling.
+"""
+
+import io
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+import zipfile
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Union
+
+import torch
+from torch import Tensor
+
+from export.errors import ExportError, ParamsError
+from export.formats.base import Format, Layout, Source, used_parameters
+from export.store.flat_vector import check_params_vector, layout_names
+from export.store.manifest import ARTIFACT_SUFFIX
+from export.store.tolerance import compare, failed_stats
+
+#: inductor options every package is compiled with (recorded in the manifest and the package's
+#: metadata):
+#: - freezing: weights are constants when inductor chooses kernels;
+#: - runtime constant folding: what inductor computes from weights alone (e.g. BatchNorm's
+#:   scale from weight and running_var) is a sub-graph run again after `load_constants`, so
+#:   every parameter stays replaceable; without it ResNet-18's BatchNorm weights are folded away
+#:   and new weights would be silently ignored;
+#: - check_lowerbound off: with input checks on (AOTI_RUNTIME_CHECK_INPUTS=1) a dynamic-batch
+#:   package otherwise refuses batch 1 (torch.export assumes dynamic sizes >= 2; the compiled
+#:   code handles 1, verified at export). torch 2.14 has no such switch for the upper bound the
+#:   checks also apply (see load_package).
+AOTI_CONFIGS: Dict[str, Any] = {"freezing": True, "aot_inductor.use_runtime_constant_folding": True,
+                                "aot_inductor.check_lowerbound": False}
+
+
+class AotiError(ExportError):
+    """An AOTInductor package that cannot be built or loaded here."""
+
+
+def check_compiler() -> str:
+    """The C++ compiler inductor will use; one line naming what to install when there is none."""
+    from torch._inductor import config
+    from torch._inductor.cpp_builder import get_cpp_compiler
+
+    try:
+        return get_cpp_compiler()
+    except Exception:  # inductor raises its own error type when the search finds nothing
+        wanted = [c for c in config.cpp.cxx if c] or ["g++"]
+        raise AotiError(f"--formats aoti compiles C++, but no compiler {', '.join(wanted)} was found: "
+                        "install g++ (e.g. apt install g++) or set CXX to a C++17 compiler") from None
+
+
+def compile_package(program: torch.export.ExportedProgram, metadata: Dict[str, str],
+                    configs: Optional[Dict[str, Any]] = None) -> "tuple[bytes, Dict[str, Any]]":
+    """Compile `program` for its device; the package's bytes and what the manifest records
+    (seconds, torch version, compiler, inductor options)."""
+    compiler = check_compiler()
+    options = dict(AOTI_CONFIGS if configs is None else configs)
+    stamp = {"torch_version": torch.__version__, **metadata}
+    buffer = io.BytesIO()
+    start = time.perf_counter()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch._inductor.aoti_compile_and_package(
+            program, package_path=buffer,
+            inductor_configs={**options, "aot_inductor.metadata": stamp})
+    info = {"seconds": round(time.perf_counter() - start, 2), "torch": torch.__version__,
+            "compiler": compiler, "inductor_configs": options, "metadata": stamp}
+    return buffer.getvalue(), info
+
+
+def check_torch_version(name: str, entry: Dict[str, Any]) -> None:
+    """A package runs only on the torch that compiled it (its shared library links that
+    libtorch's C++ ABI): refuse another version before loading."""
+    built = entry.get("torch")
+    if built != torch.__version__:
+        raise AotiError(f"{name}: compiled with torch {built}, this is torch {torch.__version__}; "
+                        "re-export with --formats aoti on this torch (or use the exported program, "
+                        "<mode>.ep.pt2, which loads on newer torch)")
+
+
+def load_package(source: Union[Path, bytes], name: str = "package"):
+    """`aoti_load_package` of a path or of bytes already checked against the manifest.
+
+    Packages check input shapes only with AOTI_RUNTIME_CHECK_INPUTS=1 (a batch-1 package reads a
+    batch of 3 without it), and in torch 2.14 that check also puts a wrong upper bound on a
+    dynamic batch (15 for CIFAR ResNet-18, whose package is correct at 64 and 200), so it is not
+    turned on here: the aoti engine picks the package compiled for each call's batch size."""
+    data = io.BytesIO(source) if isinstance(source, bytes) else str(source)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return torch._inductor.aoti_load_package(data)
+    except Exception as exc:
+        raise AotiError(f"{name}: not a loadable AOTInductor package ({type(exc).__name__}: "
+                        f"{str(exc).splitlines()[0][:120] if str(exc) else ''})") from None
+
+
+def _constants(source: Union[Path, bytes], name: str, device: str = "cpu") -> Dict[str, Tensor]:
+    """The constants compiled into a package, by their original names (its shared library run
+    through torch's container runner, which can read them back)."""
+    data = source if isinstance(source, bytes) else Path(source).read_bytes()
+    with tempfile.TemporaryDirectory(prefix="aoti-") as tmp:
+        try:
+            with zipfile.ZipFile(io.BytesIO(data)) as archive:
+                libs = [n for n in archive.namelist() if n.endswith(".so") and "/aotinductor/" in n]
+                if len(libs) != 1:
+                    raise AotiError(f"{name}: expected one model library in the package, found {len(libs)}")
+                so = archive.extract(libs[0], tmp)
+        except zipfile.BadZipFile:
+            raise AotiError(f"{name}: not an AOTInductor package (not a zip archive)") from None
+        runner_type = (torch._C._aoti.AOTIModelContainerRunnerCuda if device.startswith("cuda")
+                       else torch._C._aoti.AOTIModelContainerRunnerCpu)
+        runner = runner_type(so, 1)
+        return {k: v.clone() for k, v in runner.extract_constants_map(False).items()}
+
+
+def package_constants(source: Union[Path, bytes], layout, name: str = "package",
+                      device: str = "cpu") -> Dict[str, Tensor]:
+    """Layout name -> the values a package holds for it. A parameter its mode does not read
+    (the classifier of a 'features' package) is not compiled in and not listed."""
+    constants = _constants(source, name, device)
+    held = {}
+    for e in layout:
+        found = next((n for n in layout_names(e) if n in constants), None)
+        if found is not None:
+            held[e["name"]] = constants[found].reshape(-1).float().cpu()
+    return held
+
+
+def package_params(source: Union[Path, bytes], layout, name: str = "package", device: str = "cpu") -> Tensor:
+    """The flat vector compiled into a package, in the layout's (eager `parameters()`) order."""
+    held = package_constants(source, layout, name, device)
+    if len(held) != len(layout):
+        raise ParamsError(f"{name}: holds {len(held)} of the {len(layout)} parameters (its mode does "
+                          "not read the others); read them from an 'out' or 'full' package")
+    return torch.cat([held[e["name"]] for e in layout])
+
+
+def replaceable_weights(program: torch.export.ExportedProgram, package_bytes: bytes) -> bool:
+    """Whether every parameter the program reads is a constant of the compiled package under
+    its own name (so load_constants replaces it), not folded into another constant."""
+    fqns = set(load_package(package_bytes).get_constant_fqns())
+    return used_parameters(program) <= fqns
+
+
+def set_package_params(model, vector: Tensor, layout, allow_nonfinite: bool = False,
+                       name: str = "package") -> None:
+    """Replace the parameters of a loaded package in memory (`load_constants`, no recompiling);
+    the parameters its mode does not read are not in it and are skipped."""
+    check_params_vector(vector, layout, allow_nonfinite)
+    fqns = set(model.get_constant_fqns())
+    key = model.get_metadata().get("AOTI_DEVICE_KEY", "cpu")  # the device it was compiled for
+    device = torch.device("cuda" if key.startswith("cuda") else "cpu")
+    constants = {}
+    for e in layout:
+        value = vector[e["offset"]:e["offset"] + e["length"]].view(e["shape"])
+        for fqn in layout_names(e):
+            if fqn in fqns:
+                constants[fqn] = value.clone().to(device)
+    model.load_constants(constants, check_full_update=False)
+
+
+def refuse_frozen(name: str, info: Dict[str, Any]) -> None:
+    """One line for a package whose weights inductor folded into other constants."""
+    if not info.get("weights_replaceable", True):
+        raise ParamsError(f"{name}: inductor folded parameters of this package into other constants "
+                          "when compiling, so its weights cannot be replaced; re-export with the "
+                          "new weights (python -m export ... --formats aoti)")
+
+
+def _write(program: torch.export.ExportedProgram, path: Path, metadata: Optional[Dict[str, str]] = None
+           ) -> Optional[Dict[str, Any]]:
+    """Compile and write one package; what the manifest records of it (seconds, compiler,
+    inductor options, whether its weights can be replaced)."""
+    data, info = compile_package(program, metadata or {})
+    Path(path).write_bytes(data)
+    return {**info, "weights_replaceable": replaceable_weights(program, data)}
+
+
+def _load(source: Source, device: str = "cpu") -> Callable[[Tensor], Any]:
+    """A package as users load it: `torch._inductor.aoti_load_package(path)`."""
+    model = load_package(source, source.name if isinstance(source, Path) else "package")
+    return lambda x: model(x.to(device))
+
+
+def _read_params(path: Path, layout: Layout) -> Tensor:
+    return package_params(path, layout, Path(path).name)
+
+
+def _write_params(path: Path, vector: Tensor, out: Path, layout: Layout, allow_nonfinite: bool = False) -> Path:
+    raise ExportError(f"{path}: an AOTInductor package's weights are compiled into its shared "
+                      "library and torch cannot rewrite them in the file; replace them when "
+                      "loaded (export.runtime.load(DIR, engine='aoti').set_params(v), C++: "
+                      "AOTIModelPackageLoader::load_constants) or re-export")
+
+
+FORMAT = Format("aoti", ARTIFACT_SUFFIX["aoti"], _write, _load, _read_params, _write_params)
+
+
+_FRESH = """
+import sys, torch
+jobs = torch.load(sys.argv[1], weights_only=True)
+results = []
+for path, inputs in jobs:
+    model = torch._inductor.aoti_load_package(path)
+    outs = []
+    for x in inputs:
+        out = model(x)
+        outs.append([out] if isinstance(out, torch.Tensor) else list(out))
+    results.append(outs)
+torch.save(results, sys.argv[2])
+"""
+
+
+def verify_fresh(jobs: List[tuple], device: str) -> List[Dict[str, dict]]:
+    """Verify packages in a fresh Python (`-I`: no zoo, no state of the process that compiled
+    them): jobs of (path, output names, inputs, expected), one child for all."""
+    with tempfile.TemporaryDirectory(prefix="aoti-verify-") as tmp:
+        request, reply = Path(tmp) / "jobs.pt", Path(tmp) / "outputs.pt"
+        torch.save([(str(path), [x.to(device) for x in inputs]) for path, _, inputs, _ in jobs], request)
+        proc = subprocess.run([sys.executable, "-I", "-c", _FRESH, str(request), str(reply)],
+                              capture_output=True, text=True)
+        if proc.returncode != 0:
+            last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+            return [failed_stats(names, f"fresh process failed: {last[:200]}") for _, names, _, _ in jobs]
+        outputs = torch.load(reply, weights_only=True)
+    results = []
+    for (_, names, inputs, expected), outs in zip(jobs, outputs):
+        replies = iter(outs)
+        results.append(compare(lambda x, r=replies: next(r), names, inputs, expected))
+    return results

@@ -1,0 +1,90 @@
+"""Exported directories as backbones: `load(DIR, engine=..., precision=...)` returns an object
+called like the eager backbone, whatever runs underneath.
+
+    from export.runtime import load
+    net = load("artifacts/resnet")                       # onnxruntime, fp32
+    net = load("artifacts/resnet", engine="aoti")        # AOTInductor packages (--formats aoti)
+    logits = net(x)                              # numpy in -> numpy out, torch in -> torch out
+    logits, feats = net(x, returnt="both")
+    outs = net(x, returnt="full")                # [stage_0..stage_k, features, logits]
+    net.set_params(v)                            # eager get_params() order, no re-export
+
+Every engine checks each file against the manifest's sha256 before using it (construction
+checks the whole set, so a changed, corrupt or mixed directory is refused at once; sessions and
+modules are then made from the very bytes that were hashed; about 0.05 s per 45 MB file).
+
+`OnnxBackbone` (the onnxruntime engine): one `InferenceSession` per mode, created on first use;
+`set_params(v)` rebuilds the sessions from the ONNX models with the new vector, in memory.
+"""
+
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Tuple, Union
+
+from export.runtime.base import ENGINES, RuntimeBackbone, check_engine
+from export.runtime.ort_engine import OnnxBackbone
+from export.store.manifest import aoti_packages, artifact_name
+
+__all__ = ["load", "available_pairs", "check_engine", "ENGINES", "OnnxBackbone", "RuntimeBackbone"]
+
+
+def load(directory: Union[str, Path], engine: str = "onnxruntime", precision: str = "fp32",
+         threads: Optional[int] = None, device: str = "cpu", verify_hashes: bool = True,
+         spin_wait: bool = True) -> RuntimeBackbone:
+    """An export directory as a backbone with the `returnt` API, run by `engine`.
+
+    Args:
+        directory: an export directory (manifest.json and the engine's files).
+        engine: onnxruntime (`<mode>.onnx`), openvino (the same files, compiled by OpenVINO
+            for the CPU with an explicit precision hint), torchscript (`<mode>.pt`), exported
+            (`<mode>.ep.pt2` through `torch.export.load(...).module()`) or aoti
+            (`<mode>.aoti.pt2` / `<mode>.aoti.b<N>.pt2`, compiled C++).
+        precision: fp32; bf16 (openvino, on CPUs with bf16 support); int8 (onnxruntime and
+            openvino, from the files `python -m export quantize` writes).
+        threads: intra-op threads (None: torch's thread count).
+        device: cpu or cuda.
+        verify_hashes: check every file against the manifest's sha256 first.
+        spin_wait: onnxruntime's threads busy-wait between calls (its default, fastest alone on
+            the cores); False where other processes share the cores (the `serve` replicas).
+            The other engines have no such switch and ignore it.
+    """
+    check_engine(engine, precision)
+    if engine == "onnxruntime":
+        return OnnxBackbone(directory, threads=threads, device=device, verify_hashes=verify_hashes,
+                            precision=precision, spin_wait=spin_wait)
+    if engine == "openvino":
+        from export.runtime.openvino_engine import OpenVinoBackbone
+
+        return OpenVinoBackbone(directory, precision=precision, threads=threads, verify_hashes=verify_hashes)
+    from export.runtime.torch_engines import TORCH_ENGINES
+
+    return TORCH_ENGINES[engine](directory, threads=threads, device=device, verify_hashes=verify_hashes)
+
+
+def available_pairs(manifest: Dict[str, Any], mode: str = "out") -> List[Tuple[str, str]]:
+    """(engine, precision) pairs that can run `mode` of an export directory on this machine:
+    its files are there, the engine is installed, the CPU has the precision."""
+    from export.errors import ExportError
+
+    files = manifest["files"]
+    has = {kind: artifact_name(mode, kind) in files for kind in ("onnx", "int8", "torchscript", "exported")}
+    pairs: List[Tuple[str, str]] = []
+    if has["onnx"]:
+        pairs.append(("onnxruntime", "fp32"))
+    if has["int8"]:
+        pairs.append(("onnxruntime", "int8"))
+    try:
+        from export.runtime.openvino_engine import cpu_supports_bf16, openvino_core
+
+        core = openvino_core()
+        if has["onnx"]:
+            pairs.append(("openvino", "fp32"))
+            if cpu_supports_bf16(core):
+                pairs.append(("openvino", "bf16"))
+        if has["int8"]:
+            pairs.append(("openvino", "int8"))
+    except ExportError:
+        pass  # openvino not installed: its pairs are not available here
+    pairs += [(engine, "fp32") for engine in ("torchscript", "exported") if has[engine]]
+    if None in aoti_packages(manifest, mode):
+        pairs.append(("aoti", "fp32"))
+    return pairs

@@ -1,0 +1,122 @@
+"""What every runtime backbone shares: the manifest, input validation against it, and the
+`net(x, returnt=...)` call that returns what eager returns (numpy in -> numpy out, torch in ->
+torch out on the input's device)."""
+
+from pathlib import Path
+from typing import Any, Dict, List, Sequence, Tuple, Union
+
+import numpy as np
+
+from export.errors import ExportError, ManifestError
+from export.store.manifest import check_files, output_names, read_manifest, read_verified
+from zoo.base import check_returnt, pack_outputs
+
+#: engine -> the precisions it runs (int8: the `<mode>.int8.onnx` files `quantize` writes)
+ENGINES: Dict[str, Tuple[str, ...]] = {
+    "onnxruntime": ("fp32", "int8"),
+    "openvino": ("fp32", "bf16", "int8"),
+    "torchscript": ("fp32",),
+    "exported": ("fp32",),
+    "aoti": ("fp32",),
+}
+
+
+def check_engine(engine: str, precision: str) -> None:
+    """One line for an engine that does not exist or a precision it does not run."""
+    if engine not in ENGINES:
+        raise ExportError(f"unknown engine {engine!r}; allowed: {', '.join(ENGINES)}")
+    if precision not in ENGINES[engine]:
+        raise ExportError(f"engine {engine!r} has no precision {precision!r}; it runs: "
+                          f"{', '.join(ENGINES[engine])}")
+
+
+class RuntimeBackbone:
+    """Base of the engines: subclasses implement `_run(mode, x)` (x: float32 numpy) and the
+    flat-parameter methods their engine supports."""
+
+    engine = ""
+
+    def __init__(self, directory: Union[str, Path], verify_hashes: bool = True) -> None:
+        self.directory = Path(directory)
+        self.manifest: Dict[str, Any] = read_manifest(self.directory)
+        self.verify_hashes = verify_hashes
+        spec = self.manifest["input"]
+        self.input_shape = tuple(spec["shape"][1:])
+        self.dynamic_hw = "height" in spec.get("dynamic", [])
+        self.modes: List[str] = []
+
+    def _require(self, modes: Sequence[str], what: str, hint: str) -> None:
+        """Set the modes this engine can run; refuse a directory without any of its files."""
+        self.modes = list(modes)
+        if not self.modes:
+            raise ManifestError(f"{self.directory}: the manifest lists no {what} ({hint})")
+
+    def _check_files(self, names: Sequence[str]) -> None:
+        if self.verify_hashes:
+            check_files(self.directory, self.manifest, names)
+
+    def _verified_bytes(self, name: str) -> bytes:
+        """A listed file's bytes, hashed as read when `verify_hashes` (what runs is what was checked)."""
+        return (read_verified(self.directory, self.manifest, name) if self.verify_hashes
+                else (self.directory / name).read_bytes())
+
+    def __repr__(self) -> str:
+        return (f"{type(self).__name__}({str(self.directory)!r}, "
+                f"backbone={self.manifest['backbone']['name']!r}, modes={self.modes})")
+
+    def output_names(self, mode: str) -> List[str]:
+        return output_names(self.manifest, mode)
+
+    def _check_mode(self, mode: str) -> None:
+        check_returnt(mode)
+        if mode not in self.modes:
+            raise ValueError(f"mode {mode!r} was not exported in {self.directory} for the "
+                             f"{self.engine} engine; available: {', '.join(self.modes)}")
+
+    def _prepare(self, x: Any) -> np.ndarray:
+        """Validate against the manifest; non-contiguous or float16/64 input is converted."""
+        if hasattr(x, "detach") and hasattr(x, "cpu"):
+            x = x.detach().cpu().numpy()
+        if not isinstance(x, np.ndarray):
+            raise TypeError(f"input must be a numpy array or torch tensor, got {type(x).__name__}")
+        expected = "x".join(map(str, self.input_shape))
+        if not np.issubdtype(x.dtype, np.floating):
+            raise TypeError(f"input dtype {x.dtype} is not floating point; expected float32 "
+                            f"images of shape [batch, {expected}]")
+        if x.ndim != len(self.input_shape) + 1:
+            raise ValueError(f"input of shape {list(x.shape)} has rank {x.ndim}; expected "
+                             f"[batch, {expected}]")
+        fixed = self.input_shape[:1] if self.dynamic_hw else self.input_shape
+        if tuple(x.shape[1:1 + len(fixed)]) != tuple(fixed) or x.shape[0] < 1:
+            raise ValueError(f"input of shape {list(x.shape)} does not fit; expected [batch, "
+                             f"{expected}]" + (" (H, W free)" if self.dynamic_hw else ""))
+        return np.ascontiguousarray(x, dtype=np.float32)
+
+    def _run(self, mode: str, x: np.ndarray) -> List[Any]:
+        raise NotImplementedError
+
+    def check_call(self, x: Any, returnt: str) -> np.ndarray:
+        """A call's checks without running it (ValueError/TypeError for a mode not exported
+        here or an input that does not fit): `x` as contiguous float32 numpy. Servers check
+        each request with it before batching requests together."""
+        self._check_mode(returnt)
+        return self._prepare(x)
+
+    def __call__(self, x: Any, returnt: str = "out"):
+        is_torch = hasattr(x, "detach")
+        outs = self._run(returnt, self.check_call(x, returnt))
+        import torch
+
+        if is_torch:
+            outs = [(o if isinstance(o, torch.Tensor) else torch.from_numpy(o)).to(x.device) for o in outs]
+        else:
+            outs = [o.detach().cpu().numpy() if isinstance(o, torch.Tensor) else o for o in outs]
+        return pack_outputs(returnt, outs)
+
+    forward = __call__
+
+    def _layout(self):
+        """The manifest's flat-parameter layout, checked to tile the vector."""
+        from export.store.flat_vector import checked_layout
+
+        return checked_layout(self.manifest, self.directory)

@@ -1,0 +1,44 @@
+"""The Serve applications of a `serve` run, as a Serve config (`serve deploy` schema): one
+`Backbone` application per export directory and the HTTP ingress `oip`. No Ray here: the
+config is built (and printed with --print-config) before Ray starts."""
+
+import argparse
+from pathlib import Path
+from typing import Any, Dict, List, Sequence
+
+from export.errors import ExportError
+from export.runtime import load
+from export.serving.oip import ROUTER_APP
+
+
+def check_directories(directories: Sequence[Path], engine: str, precision: str) -> Dict[str, Path]:
+    """backbone name -> directory, each directory's engine files checked against the manifest."""
+    names: Dict[str, Path] = {}
+    for d in directories:
+        net = load(d, engine=engine, precision=precision)  # hashes every file the engine uses
+        name = net.manifest["backbone"]["name"]
+        if name in names:
+            raise ExportError(f"{d} and {names[name]} both hold backbone {name!r}; a model name is served once")
+        names[name] = d.resolve()
+    return names
+
+
+def app_args(ns: argparse.Namespace, directory: Path) -> Dict[str, Any]:
+    return {"directory": str(directory), "engine": ns.engine, "precision": ns.precision,
+            "threads": ns.threads, "max_batch_size": ns.max_batch_size, "batch_wait_ms": ns.batch_wait_ms,
+            "replicas": ns.replicas}
+
+
+def router_args(ns: argparse.Namespace, directories: List[Path]) -> Dict[str, Any]:
+    return {"directories": [str(d) for d in directories], "engine": ns.engine, "precision": ns.precision,
+            "max_request_bytes": int(ns.max_request_mb * (1 << 20)), "request_timeout_s": ns.request_timeout_s}
+
+
+def serve_config(ns: argparse.Namespace, models: Dict[str, Path]) -> Dict[str, Any]:
+    """The Serve config (`serve deploy` schema) for the same applications."""
+    apps = [{"name": name, "route_prefix": None, "import_path": "export.serving.app:backbone_app",
+             "args": app_args(ns, d)} for name, d in models.items()]
+    apps.append({"name": ROUTER_APP, "route_prefix": "/", "import_path": "export.serving.app:oip_app",
+                 "args": router_args(ns, list(models.values()))})
+    return {"proxy_location": "EveryNode", "http_options": {"host": ns.host, "port": ns.port},
+            "applications": apps}

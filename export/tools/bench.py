@@ -1,0 +1,351 @@
+"""`python -m export bench` (`make bench`): every engine x precision on one backbone.
+
+Eager, TorchScript (frozen), onnxruntime fp32/int8, OpenVINO fp32/bf16/int8 and AOTInductor
+(any-batch and per-batch packages) at batch sizes 1, 8, 64 (default CIFAR ResNet-18, 64
+filters): latency, images/s, ratio to onnxruntime fp32, GFLOP/s (FLOPs counted by
+torch.utils.flop_counter) and the share of this machine's fp32 peak (the best large matmul in
+torch and in onnxruntime, measured in the same run). Each runtime is timed in blocks over
+several interleaved rounds (a runtime's threads still spinning distort the next one, and the
+machine's speed drifts), reported as the median over rounds with the spread between them.
+Then the accuracy of every engine x precision on the same backbone trained briefly on
+scikit-learn's digits (shipped with the package, no download), int8 calibrated on its real
+training images. Writes JSON and a PNG plot when asked.
+"""
+
+import datetime
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Sequence
+
+import numpy as np
+import torch
+
+from export.formats.onnx import ort_session
+from export.formats.torchscript import jit_deprecations_silenced, load_torchscript
+from export.pipeline.build import export_backbone
+from export.runtime import available_pairs, load
+from export.store.atomic import atomic_write_bytes
+from export.store.manifest import aoti_packages, artifact_name, read_manifest
+from export.tools.accuracy import format_accuracy, measure_accuracy
+from export.tools.quantize import builtin_calibration, quantize_directory
+from export.tools.tables import format_table
+from zoo.registry import REGISTRY
+
+
+def flops_per_image(net: torch.nn.Module, input_shape: Sequence[int]) -> float:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad():
+        net(torch.zeros(1, *input_shape))
+    return float(counter.get_total_flops())
+
+
+def time_call(fn: Callable[[], Any], seconds: float, warmup: int = 3, min_runs: int = 5,
+              max_runs: int = 1000) -> List[float]:
+    for _ in range(warmup):
+        fn()
+    times: List[float] = []
+    start = time.perf_counter()
+    while len(times) < min_runs or (time.perf_counter() - start < seconds and len(times) < max_runs):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return times
+
+
+def matmul_peak(threads: int, sizes: Sequence[int] = (1024, 2048), seconds: float = 0.5) -> Dict[str, float]:
+    """Best GFLOP/s of square fp32 matmuls in torch and in onnxruntime (best over `sizes`)."""
+    best = {"torch_gflops": 0.0, "onnxruntime_gflops": 0.0}
+    for n in sizes:
+        for key, value in _matmul_gflops(threads, n, seconds).items():
+            best[key] = max(best[key], value)
+    return best
+
+
+def _matmul_gflops(threads: int, n: int, seconds: float) -> Dict[str, float]:
+    import onnx
+    from onnx import TensorProto, helper
+
+    flops = 2.0 * n ** 3
+    a = np.random.default_rng(0).standard_normal((n, n)).astype(np.float32)
+    ta = torch.from_numpy(a)
+    torch_best = min(time_call(lambda: torch.mm(ta, ta), seconds))
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["a", "b"], ["c"])], "mm",
+        [helper.make_tensor_value_info("a", TensorProto.FLOAT, [n, n]),
+         helper.make_tensor_value_info("b", TensorProto.FLOAT, [n, n])],
+        [helper.make_tensor_value_info("c", TensorProto.FLOAT, [n, n])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "mm.onnx"
+        onnx.save(model, str(path))
+        session = ort_session(path, threads=threads)
+        ort_best = min(time_call(lambda: session.run(None, {"a": a, "b": a}), seconds))
+    return {"torch_gflops": flops / torch_best / 1e9, "onnxruntime_gflops": flops / ort_best / 1e9}
+
+
+def digits_data(input_shape: Sequence[int]):
+    """scikit-learn's 8x8 digits at the backbone's input size, normalised; a stratified
+    3:1 train/test split."""
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    digits = load_digits()
+    images = torch.tensor(digits.images, dtype=torch.float32)[:, None] / 16.0
+    c, h, w = input_shape
+    images = torch.nn.functional.interpolate(images, size=(h, w), mode="bilinear",
+                                             align_corners=False).repeat(1, c, 1, 1)
+    images = (images - images.mean()) / images.std()
+    labels = torch.tensor(digits.target)
+    return train_test_split(images, labels, test_size=0.25, random_state=0, stratify=labels)
+
+
+def digits_accuracy(backbone: str, kwargs: Dict[str, Any], input_shape: Sequence[int],
+                    workdir: Path, train_seconds: float, log) -> Dict[str, Any]:
+    """Train `backbone` briefly on digits, export it, quantize it on its real training images,
+    then top-1 of every engine x precision on the held-out split (export.tools.accuracy)."""
+    x_tr, x_te, y_tr, y_te = digits_data(input_shape)
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        net = REGISTRY.build(backbone, **kwargs)
+    net.train()
+    opt = torch.optim.Adam(net.parameters(), lr=2e-3)
+    start, epochs = time.perf_counter(), 0
+    while time.perf_counter() - start < train_seconds or epochs == 0:
+        perm = torch.randperm(len(x_tr))
+        for i in range(0, len(perm), 64):
+            idx = perm[i:i + 64]
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(net(x_tr[idx]), y_tr[idx]).backward()
+            opt.step()
+        epochs += 1
+    net.eval()
+    trained = time.perf_counter() - start
+    log(f"digits: trained {epochs} epoch(s) in {trained:.0f} s; exporting and quantizing ...")
+    result = export_backbone(net, workdir / "digits", modes=["out"], formats=["torchscript", "onnx"],
+                             input_shape=tuple(input_shape))
+    quantize_directory(result.directory, x_tr.numpy(), ["out"], samples=256)
+    report = measure_accuracy(result.directory, x_te.numpy(), y_te.numpy(), log=log)
+    report.update({"train_seconds": round(trained, 1), "epochs": epochs, "calibration": "256 digits training images"})
+    return report
+
+
+def build_runtimes(net: torch.nn.Module, directory: Path, shape: Sequence[int], threads: int,
+                   log) -> Dict[str, Callable[[np.ndarray, torch.Tensor], Any]]:
+    """Every runtime of the exported 'out' mode as `f(numpy_input, torch_input)`: eager, frozen
+    TorchScript, onnxruntime fp32/int8, OpenVINO fp32/bf16/int8 where installed (bf16 where the
+    CPU has it), the AOTInductor packages where built (any batch; one per batch size). int8 is
+    calibrated on random inputs here: this model has random weights, and only speed is timed."""
+    quantize_directory(directory, builtin_calibration(shape, 32), ["out"])
+    with jit_deprecations_silenced():  # still what TorchScript users run
+        frozen = torch.jit.freeze(load_torchscript(directory / artifact_name("out", "torchscript")).eval())
+    runtimes: Dict[str, Callable[[np.ndarray, torch.Tensor], Any]] = {
+        "eager": lambda a, t: net(t),
+        "torchscript-frozen": lambda a, t: frozen(t),
+    }
+    pairs = available_pairs(read_manifest(directory), "out")
+    for engine, precision in pairs:
+        if engine not in ("onnxruntime", "openvino"):
+            continue
+        session = load(directory, engine=engine, precision=precision, threads=threads).session("out")
+        name = f"{'ort' if engine == 'onnxruntime' else engine}-{precision}"
+        if engine == "onnxruntime":
+            runtimes[name] = lambda a, t, s=session: s.run(None, {"x": a})
+        else:
+            runtimes[name] = lambda a, t, s=session: s({"x": a})
+    if not any(e == "openvino" for e, _ in pairs):
+        log("openvino not installed (make install installs it): its rows are skipped")
+    runtimes.update(_aoti_runtimes(directory))
+    return runtimes
+
+
+def _aoti_runtimes(directory: Path) -> Dict[str, Callable[[np.ndarray, torch.Tensor], Any]]:
+    """'aoti' (the any-batch package) and 'aoti-per-batch' (the package compiled for each batch
+    size), through the aoti engine."""
+    batches = set(aoti_packages(read_manifest(directory), "out"))
+    if not batches:
+        return {}
+    engine = load(directory, engine="aoti")
+    found: Dict[str, Callable[[np.ndarray, torch.Tensor], Any]] = {}
+    if None in batches:
+        dynamic = engine.package_for("out", None)
+        found["aoti"] = lambda a, t: dynamic(t)
+    if batches - {None}:
+        found["aoti-per-batch"] = lambda a, t: engine.package_for("out", t.shape[0])(t)
+    return found
+
+
+def measure(runtimes: Dict[str, Callable[[np.ndarray, torch.Tensor], Any]], shape: Sequence[int],
+            batches: Sequence[int], seconds: float, flops: float, best_peak: float,
+            rounds: int = 5) -> List[Dict[str, Any]]:
+    """Latency of every runtime at every batch size: `rounds` rounds, each timing every runtime
+    in one block of seconds/rounds (order rotated per round); median over the rounds' medians,
+    spread = (slowest - fastest round) / median."""
+    from tqdm import tqdm
+
+    names = list(runtimes)
+    inputs = {b: np.random.default_rng(b).standard_normal((b, *shape)).astype(np.float32) for b in batches}
+    per_round: Dict[tuple, List[float]] = {(n, b): [] for n in names for b in batches}
+    all_times: Dict[tuple, List[float]] = {(n, b): [] for n in names for b in batches}
+    jobs = [(r, b, i) for r in range(rounds) for b in batches for i in range(len(names))]
+    for r, batch, i in (bar := tqdm(jobs, desc="bench", file=sys.stderr)):
+        name = names[(i + r) % len(names)]
+        bar.set_postfix_str(f"round {r + 1}/{rounds} {name} batch {batch}")
+        x = inputs[batch]
+        xt = torch.from_numpy(x)
+        with torch.no_grad():
+            times = time_call(lambda fn=runtimes[name], a=x, t=xt: fn(a, t), seconds / rounds,
+                              warmup=3 if r == 0 else 1, min_runs=3)
+        per_round[name, batch].append(statistics.median(times))
+        all_times[name, batch].extend(times)
+    rows: List[Dict[str, Any]] = []
+    for batch in batches:
+        for name in names:
+            medians = per_round[name, batch]
+            median = statistics.median(medians)
+            gflops = flops * batch / median / 1e9
+            rows.append({"runtime": name, "batch": batch, "runs": len(all_times[name, batch]),
+                         "rounds": rounds, "round_medians_ms": [m * 1e3 for m in medians], "median_ms": median * 1e3,
+                         "spread": (max(medians) - min(medians)) / median,
+                         "p90_ms": float(np.percentile(all_times[name, batch], 90)) * 1e3,
+                         "images_per_s": batch / median, "gflops": gflops,
+                         "peak_percent": 100 * gflops / best_peak})
+    return rows
+
+
+def plot(report: Dict[str, Any], path: Path) -> None:
+    """images/s per runtime and batch size, one group of bars per batch size (log scale)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = report["results"]
+    batches = sorted({r["batch"] for r in rows})
+    names = list(dict.fromkeys(r["runtime"] for r in rows))
+    by_key = {(r["runtime"], r["batch"]): r for r in rows}
+    fig, ax = plt.subplots(figsize=(10, 4.5), dpi=100)
+    width = 0.8 / len(names)
+    for i, name in enumerate(names):
+        xs = [j + (i - (len(names) - 1) / 2) * width for j in range(len(batches))]
+        ax.bar(xs, [by_key[name, b]["images_per_s"] for b in batches], width, label=name)
+    ax.set_xticks(range(len(batches)), [f"batch {b}" for b in batches])
+    ax.set_yscale("log")
+    ax.set_ylabel("images / s (median over rounds)")
+    ax.set_title(f"{report['backbone']} {report['args']}, {report['threads']} threads "
+                 f"({report['cpu']})")
+    ax.legend(ncol=3, fontsize=8)
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    data = __import__("io").BytesIO()
+    fig.savefig(data, format="png", metadata={"Software": None})
+    plt.close(fig)
+    atomic_write_bytes(path, data.getvalue())
+
+
+#: the CPU flags that decide which kernels run (oneDNN, onnxruntime, OpenVINO pick by them)
+KERNEL_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_bf16", "amx_int8", "amx_tile")
+
+
+def cpu_info() -> Dict[str, Any]:
+    """The CPU's model name and which of KERNEL_FLAGS it has (Linux: /proc/cpuinfo)."""
+    model, flags = "", set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name" and not model:
+                model = value.strip()
+            elif key.strip() == "flags" and not flags:
+                flags = set(value.split())
+    except OSError:
+        pass
+    import platform
+
+    return {"model": model or platform.processor() or "unknown CPU",
+            "flags": [f for f in KERNEL_FLAGS if f in flags]}
+
+
+def cpu_name() -> str:
+    """`AMD EPYC (avx2, fma)`: the model and the kernel-relevant flags, for every figure."""
+    info = cpu_info()
+    return f"{info['model']} ({', '.join(info['flags']) or 'no AVX2'})"
+
+
+def stamp() -> Dict[str, Any]:
+    """Where and when figures come from: the CPU and its flags, the date, the commit."""
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                cwd=Path(__file__).resolve().parent, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        commit = ""
+    return {"cpu": cpu_info(), "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d"),
+            "commit": commit or "unknown", "threads": torch.get_num_threads()}
+
+
+def run_benchmark(backbone: str, kwargs: Dict[str, Any], batches: Sequence[int], threads: int, seconds: float,
+                  rounds: int, train_seconds: float, aoti: bool, log: Callable[[str], None]) -> Dict[str, Any]:
+    """Build, export, measure every runtime, check accuracy on digits; the report."""
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        net = REGISTRY.build(backbone, **kwargs).eval()
+    shape = tuple(net.input_shape)
+    flops = flops_per_image(net, shape)
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        log(f"exporting {backbone} {kwargs} ...")
+        formats = ["torchscript", "onnx", "exported"] + (["aoti"] if aoti else [])
+        if aoti:
+            log(f"compiling AOTInductor packages (any batch, and batch {', '.join(map(str, batches))}) ...")
+        result = export_backbone(net, tmp / "bench", modes=["out"], formats=formats,
+                                 aoti_batches=[None, *batches])
+        compile_seconds = {name: info["seconds"] for name, info in result.manifest["programs"].items()
+                           if info["format"] == "aoti"}
+        runtimes = build_runtimes(net, result.directory, shape, threads, log)
+        log("measuring the fp32 matmul peak ...")
+        peak = matmul_peak(threads)
+        rows = measure(runtimes, shape, batches, seconds, flops, max(peak.values()), rounds)
+        accuracy = None
+        if train_seconds > 0:
+            accuracy = digits_accuracy(backbone, kwargs, shape, tmp, train_seconds, log)
+    return {"backbone": backbone, "args": kwargs, "input_shape": list(shape), "cpu": cpu_name(),
+            "stamp": stamp(), "threads": threads, "flops_per_image": flops, "matmul_peak_gflops": peak,
+            "results": rows, "accuracy_digits": accuracy, "aoti_compile_seconds": compile_seconds,
+            "versions": result.manifest["versions"]}
+
+
+def format_report(report: Dict[str, Any]) -> str:
+    peak = report["matmul_peak_gflops"]
+    st = report["stamp"]
+    lines = [f"measured {st['date']} at commit {st['commit']} on {report['cpu']}",
+             f"{report['backbone']} {report['args']} input {report['input_shape']}, "
+             f"{report['flops_per_image'] / 1e9:.3f} GFLOP/image, {report['threads']} threads, "
+             f"{report['cpu']}; fp32 peak: torch {peak['torch_gflops']:.0f}, onnxruntime "
+             f"{peak['onnxruntime_gflops']:.0f} GFLOP/s"]
+    rows = []
+    by_key = {(r["runtime"], r["batch"]): r for r in report["results"]}
+    for r in report["results"]:
+        ref = by_key.get(("ort-fp32", r["batch"]))
+        rows.append([r["runtime"], r["batch"], f"{r['median_ms']:.2f}", f"{100 * r['spread']:.0f}%",
+                     f"{r['p90_ms']:.2f}", f"{r['images_per_s']:.0f}", f"{r['gflops']:.0f}",
+                     f"{r['peak_percent']:.0f}%",
+                     f"{ref['median_ms'] / r['median_ms']:.2f}x" if ref else "-"])
+    lines.append(format_table(["runtime", "batch", "median ms", "spread", "p90 ms", "images/s", "GFLOP/s",
+                               "of peak", "vs ort-fp32"], rows))
+    if report.get("aoti_compile_seconds"):
+        lines.append("AOTInductor compile seconds: " + ", ".join(
+            f"{k} {v:.1f}" for k, v in sorted(report["aoti_compile_seconds"].items())))
+    acc = report.get("accuracy_digits")
+    if acc:
+        lines.append(f"accuracy on a trained model (sklearn digits, {acc['samples']} test images, "
+                     f"{acc['epochs']} epoch(s), int8 calibrated on {acc['calibration']}):")
+        lines.append(format_accuracy(acc))
+    return "\n".join(lines)
