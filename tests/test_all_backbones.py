@@ -31,7 +31,7 @@ def test_torchvision_vit_family(tmp_path):
     net = get_backbone("tv", model="vit_b_16").eval()
     result = export_backbone(net, tmp_path / "vit", modes=["full"], formats=["torchscript", "onnx"])
     assert result.ok, result.failures
-    names = [o["name"] for o in result.manifest["modes"]["full"]["outputs"]]
+    names = result.manifest.output_names("full")
     assert len(names) == 12 + 1 + 2  # 12 encoder layers, the final norm, features, logits
     x = torch.randn(1, 3, 224, 224)
     got = ort_session(result.directory / "full.onnx").run(names, {"x": x.numpy()})

@@ -60,15 +60,15 @@ def test_packages_are_verified_and_recorded(name, aoti_export):
     _, result = aoti_export
     assert result.ok, result.failures
     m = result.manifest
-    assert sorted(m["modes"]) == sorted(MODES[name])
+    assert sorted(m.modes) == sorted(MODES[name])
     for mode in MODES[name]:
-        info = m["programs"][f"{mode}.aoti.pt2"]
-        assert info["format"] == "aoti" and info["mode"] == mode and info["batch"] is None
-        assert info["torch"] == torch.__version__ and info["seconds"] > 0 and info["compiler"]
-        assert info["inductor_configs"]["aot_inductor.use_runtime_constant_folding"] is True
-        assert info["weights_replaceable"] is True
-        assert all(s["ok"] for s in m["verification"]["aoti"][f"{mode}.aoti.pt2"].values())
-    assert m["timing"]["seconds"]["aoti_compile"] > 0
+        info = m.programs[f"{mode}.aoti.pt2"]
+        assert info.format == "aoti" and info.mode == mode and info.batch is None
+        assert info.torch == torch.__version__ and info.seconds > 0 and info.compiler
+        assert info.inductor_configs["aot_inductor.use_runtime_constant_folding"] is True
+        assert info.weights_replaceable is True
+        assert all(s["ok"] for s in m.verification["aoti"][f"{mode}.aoti.pt2"].values())
+    assert m.timing["seconds"]["aoti_compile"] > 0
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -106,9 +106,9 @@ def test_fixed_batch_package(name, aoti_export, tmp_path):
     net, shape = build_small(name)
     result = export_backbone(net, tmp_path / "b2", modes=["out"], formats=["aoti"], input_shape=shape,
                              aoti_batches=[2])
-    assert result.ok and sorted(result.manifest["files"]) == ["out.aoti.b2.pt2"]
-    info = result.manifest["programs"]["out.aoti.b2.pt2"]
-    assert info["batch"] == 2 and info["dynamic"] == ["height", "width"]
+    assert result.ok and sorted(result.manifest.files) == ["out.aoti.b2.pt2"]
+    info = result.manifest.programs["out.aoti.b2.pt2"]
+    assert info.batch == 2 and info.dynamic == ["height", "width"]
     runtime = load(result.directory, engine="aoti")
     x = torch.randn(2, *shape)
     with torch.no_grad():
@@ -130,7 +130,7 @@ def test_verify_rechecks_packages(name, aoti_export, capsys):
     rows = [line.split() for line in capsys.readouterr().out.splitlines()]
     aoti_rows = [r for r in rows if len(r) >= 6 and r[2] == "aoti" or r[1:3] == ["flat", "params"] and r[3] == "aoti"]
     # per package: its flat-parameter row and one row per output of its mode
-    expected = sum(1 + len(result.manifest["modes"][m]["outputs"]) for m in MODES[name])
+    expected = sum(1 + len(result.manifest.modes[m].outputs) for m in MODES[name])
     assert len(aoti_rows) == expected and all(r[-1] == "ok" for r in aoti_rows), aoti_rows
 
 
@@ -211,7 +211,7 @@ def test_cpp_example_matches_eager(aoti_root, tmp_path):
     for name, file, mode in (("resnet18", "out.aoti.pt2", "out"), ("resnet18", "full.aoti.pt2", "full"),
                              ("mnistmlp", "both.pt", "both")):
         net, result = built(name, aoti_root)
-        x = torch.randn(3, *result.manifest["input"]["shape"][1:], generator=torch.Generator().manual_seed(1))
+        x = torch.randn(3, *result.manifest.input.shape[1:], generator=torch.Generator().manual_seed(1))
         torch.save(x, tmp_path / "input.pt")
         out = tmp_path / f"{file}.out.pt"
         proc = subprocess.run([str(binary), str(result.directory / file), str(tmp_path / "input.pt"), str(out)],

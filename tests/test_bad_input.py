@@ -71,7 +71,7 @@ def test_export_refuses_a_directory_it_did_not_write(capsys, tmp_path):
 def test_nonfinite_weights_are_named_and_manifests_stay_json(tmp_path):
     from export.errors import ExportError
     from export.pipeline.build import export_backbone
-    from export.store.manifest import manifest_bytes
+    from export.store.manifest import manifest_bytes, parse_manifest
     from zoo import get_backbone
 
     net = get_backbone("mnistmlp", mlp_hidden_size=4)
@@ -80,8 +80,10 @@ def test_nonfinite_weights_are_named_and_manifests_stay_json(tmp_path):
     with pytest.raises(ExportError, match="the weights have NaN in classifier.bias"):
         export_backbone(net, tmp_path / "nan")
     assert not (tmp_path / "nan").exists()
-    text = manifest_bytes({"verification": {"max_abs": float("nan"), "x": [float("inf")]}})
-    assert json.loads(text) == {"verification": {"max_abs": "nan", "x": ["inf"]}}
+    manifest = parse_manifest({"backbone": {"name": "toy"}, "input": {"shape": ["batch", 4]}, "modes": {},
+                               "files": {}, "flat_params": {"count": 0},
+                               "verification": {"onnx": {"max_abs": float("nan"), "x": [float("inf")]}}})
+    assert json.loads(manifest_bytes(manifest))["verification"] == {"onnx": {"max_abs": "nan", "x": ["inf"]}}
 
 
 def _fuzz_files(directory, count_random=130, count_truncated=130, count_flipped=130):

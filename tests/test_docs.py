@@ -35,13 +35,11 @@ def test_every_linked_page_exists():
 @pytest.mark.slow
 @pytest.mark.xdist_group("readme")
 def test_the_readme_python_example_runs_as_written(tmp_path):
-    """The README's Python block, verbatim, in a fresh process: a full-size ResNet-18 exported,
-    loaded and called; then the CLI twin's verify on the same directory."""
+    """The README's Python block, verbatim, in a fresh process: a full-size ResNet-18 exported
+    (every file verified by the export itself), loaded and called."""
     code = re.search(r"```python\n(.*?)```", README, re.S).group(1)
     code += "\nassert result.ok and logits.shape == (4, 10) and features.shape == (4, 512)\nprint('ok')\n"
-    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "PYTHONPATH": str(REPO)})
     assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-3000:]
     assert (tmp_path / "artifacts" / "resnet18" / "manifest.json").is_file()
-    verify = subprocess.run([sys.executable, "-m", "export", "verify", "artifacts/resnet18"], cwd=tmp_path,
-                            capture_output=True, text=True, timeout=600, env={**os.environ, "PYTHONPATH": str(REPO)})
-    assert verify.returncode == 0 and " 0 failed" in verify.stdout, verify.stdout[-2000:] + verify.stderr[-2000:]

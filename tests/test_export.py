@@ -24,32 +24,32 @@ def test_export_succeeds_with_manifest(name, export):
     net, result = export
     assert result.ok, result.failures
     m = result.manifest
-    assert set(m["files"]) == {artifact_name(mode, f) for mode in RETURNT_MODES for f in DEFAULT_FORMATS}
-    for fname, entry in m["files"].items():
+    assert set(m.files) == {artifact_name(mode, f) for mode in RETURNT_MODES for f in DEFAULT_FORMATS}
+    for fname, entry in m.files.items():
         path = result.directory / fname
-        assert path.stat().st_size == entry["size"] and len(entry["sha256"]) == 64
-    assert m["backbone"]["name"] == getattr(net, "registry_name", type(net).__name__)
-    assert m["input"]["name"] == "x"
-    assert m["input"]["shape"][0] == "batch"
-    full = m["modes"]["full"]["outputs"]
-    assert [(o["name"], o["shape"]) for o in full[-2:]] == [
-        ("features", ["batch", net.feature_dim]), ("logits", m["modes"]["out"]["outputs"][0]["shape"])]
-    assert [o["name"] for o in full] == net.output_names()
-    assert [o["module"] for o in full[:-2]] == [s.name for s in net.stages]
-    assert m["opset"] >= 18 and {"torch", "onnx", "onnxruntime", "returnt_zoo"} <= set(m["versions"])
-    assert m["onnx"]["ir_version"] == onnx.load(str(result.directory / "out.onnx")).ir_version
-    assert m["onnx"]["opset"] == m["opset"] and m["onnx"]["onnxruntime_verified"]
-    layout = m["flat_params"]["layout"]
-    assert [e["name"] for e in layout] == [n for n, _ in net.named_parameters()]
-    assert sum(e["length"] for e in layout) == net.num_params() == m["flat_params"]["count"]
+        assert path.stat().st_size == entry.size and len(entry.sha256) == 64
+    assert m.backbone.name == getattr(net, "registry_name", type(net).__name__)
+    assert m.input.name == "x"
+    assert m.input.shape[0] == "batch"
+    full = m.modes["full"].outputs
+    assert [(o.name, o.shape) for o in full[-2:]] == [
+        ("features", ["batch", net.feature_dim]), ("logits", m.modes["out"].outputs[0].shape)]
+    assert [o.name for o in full] == net.output_names()
+    assert [o.module for o in full[:-2]] == [s.name for s in net.stages]
+    assert m.opset >= 18 and {"torch", "onnx", "onnxruntime", "returnt_zoo"} <= set(m.versions)
+    assert m.onnx["ir_version"] == onnx.load(str(result.directory / "out.onnx")).ir_version
+    assert m.onnx["opset"] == m.opset and m.onnx["onnxruntime_verified"]
+    layout = m.flat_params.layout
+    assert [e.name for e in layout] == [n for n, _ in net.named_parameters()]
+    assert sum(e.length for e in layout) == net.num_params() == m.flat_params.count
     for fmt in DEFAULT_FORMATS:
         for mode in RETURNT_MODES:
-            stats = m["verification"][fmt][mode]
+            stats = m.verification[fmt][mode]
             assert all(s["ok"] for s in stats.values()), (fmt, mode, stats)
-    assert m["timing"]["seconds"]["onnx_export"] > 0
+    assert m.timing["seconds"]["onnx_export"] > 0
     for mode in RETURNT_MODES:
-        info = m["programs"][artifact_name(mode, "exported")]
-        assert info["dynamic"] == m["input"]["dynamic"] and info["mode"] == mode
+        info = m.programs[artifact_name(mode, "exported")]
+        assert info.dynamic == m.input.dynamic and info.mode == mode
     assert not list(result.directory.glob(".*.tmp")), "temp files left behind"
 
 
@@ -58,14 +58,14 @@ def test_manifest_stage_shapes_hold_at_another_input_size(name, export):
     """The manifest's symbolic stage shapes (ceil(height/reduction)) are the real ones."""
     net, result = export
     m = result.manifest
-    c, h, w = m["input"]["shape"][1:] if len(m["input"]["shape"]) == 4 else (None, None, None)
-    size = {"height": h + 8, "width": w + 16} if "height" in m["input"]["dynamic"] else {"height": h, "width": w}
-    x = torch.randn(1, *(m["input"]["shape"][1:] if c is None else (c, size["height"], size["width"])))
+    c, h, w = m.input.shape[1:] if len(m.input.shape) == 4 else (None, None, None)
+    size = {"height": h + 8, "width": w + 16} if "height" in m.input.dynamic else {"height": h, "width": w}
+    x = torch.randn(1, *(m.input.shape[1:] if c is None else (c, size["height"], size["width"])))
     with torch.no_grad():
         outs = net(x, returnt="full")
-    for out, spec in zip(outs, m["modes"]["full"]["outputs"]):
+    for out, spec in zip(outs, m.modes["full"].outputs):
         want = []
-        for dim in spec["shape"][1:]:
+        for dim in spec.shape[1:]:
             if isinstance(dim, int):
                 want.append(dim)
             else:
@@ -73,7 +73,7 @@ def test_manifest_stage_shapes_hold_at_another_input_size(name, export):
                 key, _, factor = rest.partition("/")
                 n, r = size[key], int(factor or 1)
                 want.append(n // r if rounding == "floor" else -(-n // r))
-        assert list(out.shape[1:]) == want, (spec["name"], spec["shape"], list(out.shape))
+        assert list(out.shape[1:]) == want, (spec.name, spec.shape, list(out.shape))
 
 
 def _raw_loader(fmt: str, path, names):
@@ -92,8 +92,8 @@ def test_exported_matches_eager(name, mode, fmt, export):
     """Fresh runtime, two batch sizes that the export never saw (1 and 5)."""
     net, result = export
     path = result.directory / artifact_name(mode, fmt)
-    names = [o["name"] for o in result.manifest["modes"][mode]["outputs"]]
-    shape = result.manifest["input"]["shape"][1:]
+    names = [o.name for o in result.manifest.modes[mode].outputs]
+    shape = result.manifest.input.shape[1:]
     run = _raw_loader(fmt, path, names)
     for batch in (1, 5):
         x = torch.randn(batch, *shape, generator=torch.Generator().manual_seed(batch + 7))
@@ -131,22 +131,22 @@ def test_one_changed_weight_fails_verification(name, export, tmp_path):
 
     net, result = export
     manifest = result.manifest
-    names = [o["name"] for o in manifest["modes"]["full"]["outputs"]]
-    inputs = sample_inputs(manifest["input"]["shape"][1:])
+    names = [o.name for o in manifest.modes["full"].outputs]
+    inputs = sample_inputs(manifest.input.shape[1:])
     expected = eager_outputs(net, "full", inputs, "cpu")
     source = result.directory / "full.onnx"
     assert all(s["ok"] for s in verify_file("onnx", source, names, inputs, expected, "cpu").values())
     model = onnx.load(str(source))
     consumed = {i for node in model.graph.node for i in node.input}
-    entry = next(e for e in manifest["flat_params"]["layout"] if e["onnx_name"] in consumed)
-    init = next(t for t in model.graph.initializer if t.name == entry["onnx_name"])
+    entry = next(e for e in manifest.flat_params.layout if e.onnx_name in consumed)
+    init = next(t for t in model.graph.initializer if t.name == entry.onnx_name)
     values = numpy_helper.to_array(init).copy()
     values.flat[0] += max(0.1, float(np.abs(values).max()))
     init.CopyFrom(numpy_helper.from_array(values, init.name))
     tampered = tmp_path / "full.onnx"
     onnx.save(model, str(tampered))
     stats = verify_file("onnx", tampered, names, inputs, expected, "cpu")
-    assert not all(s["ok"] for s in stats.values()), f"{entry['name']} changed, yet verified: {stats}"
+    assert not all(s["ok"] for s in stats.values()), f"{entry.name} changed, yet verified: {stats}"
 
 
 @pytest.mark.parametrize("name", BACKBONES)
@@ -159,32 +159,32 @@ def test_one_changed_weight_fails_program_verification(name, export, tmp_path):
 
     net, result = export
     manifest = result.manifest
-    names = [o["name"] for o in manifest["modes"]["full"]["outputs"]]
-    inputs = sample_inputs(manifest["input"]["shape"][1:])
+    names = [o.name for o in manifest.modes["full"].outputs]
+    inputs = sample_inputs(manifest.input.shape[1:])
     expected = eager_outputs(net, "full", inputs, "cpu")
     source = result.directory / "full.ep.pt2"
     assert all(s["ok"] for s in verify_file("exported", source, names, inputs, expected, "cpu").values())
     program = cached_program(source)
     used = used_parameters(program)
-    entry = next(e for e in manifest["flat_params"]["layout"] if set(e["program_names"]) & used)
+    entry = next(e for e in manifest.flat_params.layout if set(e.program_names) & used)
     with torch.no_grad():
-        for alias in set(entry["program_names"]) & used:
+        for alias in set(entry.program_names) & used:
             t = program.state_dict[alias]
             t.view(-1)[0] += max(0.1, float(t.abs().max()))
     tampered = tmp_path / "full.ep.pt2"
     tampered.write_bytes(program_bytes(program))
     stats = verify_file("exported", tampered, names, inputs, expected, "cpu")
-    assert not all(s["ok"] for s in stats.values()), f"{entry['name']} changed, yet verified: {stats}"
+    assert not all(s["ok"] for s in stats.values()), f"{entry.name} changed, yet verified: {stats}"
 
 
 @pytest.mark.parametrize("name", BACKBONES)
 def test_outputs_have_unit_scale(name, export):
     """Random test weights keep every output far from zero (BN statistics from a forward pass)."""
     net, result = export
-    x = torch.randn(3, *result.manifest["input"]["shape"][1:], generator=torch.Generator().manual_seed(0))
+    x = torch.randn(3, *result.manifest.input.shape[1:], generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        for out, spec in zip(net(x, returnt="full"), result.manifest["modes"]["full"]["outputs"]):
-            assert out.abs().max() > 1e-2, (spec["name"], float(out.abs().max()))
+        for out, spec in zip(net(x, returnt="full"), result.manifest.modes["full"].outputs):
+            assert out.abs().max() > 1e-2, (spec.name, float(out.abs().max()))
 
 
 @pytest.mark.parametrize("name", backbone_params("resnet18", "mnistmlp"))
@@ -195,7 +195,7 @@ import sys, numpy as np, torch, onnxruntime as ort, warnings
 warnings.simplefilter("ignore")
 d = {str(result.directory)!r}
 m = torch.jit.load(d + "/full.pt")
-shape = {result.manifest['input']['shape'][1:]!r}
+shape = {result.manifest.input.shape[1:]!r}
 x = torch.randn(2, *shape)
 outs = m(x)
 s = ort.InferenceSession(d + "/full.onnx", providers=["CPUExecutionProvider"])

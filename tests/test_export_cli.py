@@ -213,8 +213,8 @@ def test_exports_are_byte_reproducible_and_carry_no_local_paths(tmp_path):
     torch.manual_seed(99)
     torch.randn(7)
     b = export_backbone(net, tmp_path / "b")
-    assert a.manifest["files"] == b.manifest["files"]
-    for name in a.manifest["files"]:
+    assert a.manifest.files == b.manifest.files
+    for name in a.manifest.files:
         data = (tmp_path / "a" / name).read_bytes()
         assert data == (tmp_path / "b" / name).read_bytes(), name
         assert str(REPO).encode() not in data, f"{name} names the build machine's source path"

@@ -35,12 +35,12 @@ def test_params_identical_across_formats(name, mode, export):
     v = net.get_params()
     assert torch.equal(ts.get_params(), v)
     assert torch.equal(read_onnx_params(result.directory / f"{mode}.onnx"), v)
-    layout = result.manifest["flat_params"]["layout"]
+    layout = result.manifest.flat_params.layout
     program = cached_program(result.directory / f"{mode}.ep.pt2")
     assert torch.equal(program_params(program, layout), v)
     # the program's parameters, in state_dict order, are parameters() in order (by any alias)
     names = [n for n in program.graph_signature.parameters]
-    firsts = [next(n for n in names if n in e["program_names"]) for e in layout]
+    firsts = [next(n for n in names if n in e.program_names) for e in layout]
     assert sorted(firsts, key=names.index) == firsts
 
 
@@ -51,7 +51,7 @@ def test_new_vector_gives_same_outputs_everywhere(name, mode, export, tmp_path):
     net = copy.deepcopy(net)
     ts = load_torchscript(result.directory / f"{mode}.pt")
     src = result.directory / f"{mode}.onnx"
-    shape = result.manifest["input"]["shape"][1:]
+    shape = result.manifest.input.shape[1:]
     x = torch.randn(2, *shape, generator=torch.Generator().manual_seed(3))
     before = _outputs(net, ts, src, mode, x)[0]
     v = net.get_params()
@@ -67,7 +67,7 @@ def test_new_vector_gives_same_outputs_everywhere(name, mode, export, tmp_path):
     for e, s, o in zip(eager, script, onnx_out):
         assert_within_bound(s, e)
         assert_within_bound(o, e)
-    layout = result.manifest["flat_params"]["layout"]
+    layout = result.manifest.flat_params.layout
     program = cached_program(result.directory / f"{mode}.ep.pt2")
     set_program_params(program, new, layout)  # in memory; writing files is tested in test_engines
     assert torch.equal(program_params(program, layout), new)
@@ -84,7 +84,7 @@ def test_grads_agree_eager_and_torchscript(name, mode, export):
     net, result = export
     net = copy.deepcopy(net)
     ts = load_torchscript(result.directory / f"{mode}.pt")
-    shape = result.manifest["input"]["shape"][1:]
+    shape = result.manifest.input.shape[1:]
     x = torch.randn(2, *shape, generator=torch.Generator().manual_seed(5))
     with pytest.raises(torch.jit.Error, match="no parameter has a gradient yet"):
         ts.get_grads()  # TorchScript raises its own error type around the RuntimeError
@@ -105,8 +105,8 @@ def test_grads_agree_eager_and_torchscript(name, mode, export):
 def test_unused_parameters_round_trip(name, export, tmp_path):
     """resnet32's bn_final is in no graph, but in every file's flat vector."""
     net, result = export
-    layout = {e["name"]: e for e in result.manifest["flat_params"]["layout"]}
-    assert layout["bn_final.weight"]["onnx_name"] == "backbone.bn_final.weight"
+    layout = {e.name: e for e in result.manifest.flat_params.layout}
+    assert layout["bn_final.weight"].onnx_name == "backbone.bn_final.weight"
     assert torch.equal(read_onnx_params(result.directory / "out.onnx"), net.get_params())
 
 
@@ -140,16 +140,16 @@ def test_bad_vectors_and_files(name, export, tmp_path):
     with pytest.raises(ParamsError, match="not an ONNX model"):
         read_onnx_params(not_onnx, result.manifest)
     manifest = read_manifest(result.directory)
-    manifest["flat_params"]["layout"][0]["shape"] = [784, 32]  # same length, other shape
+    manifest.flat_params.layout[0].shape = [784, 32]  # same length, other shape
     with pytest.raises(ParamsError,
                        match=r"do not match the manifest: shape of backbone\.\S+ \[32, 784\] != \[784, 32\]"):
         read_onnx_params(src, manifest)
-    manifest["flat_params"]["layout"][0]["shape"] = [1, 2]
+    manifest.flat_params.layout[0].shape = [1, 2]
     with pytest.raises(ParamsError,
                        match=r"layout is inconsistent: fc1.weight: length 25088 != product of shape \[1, 2\]"):
         read_onnx_params(src, manifest)
-    manifest["flat_params"]["layout"][0]["shape"] = [32, 784]
-    manifest["flat_params"]["layout"][0]["onnx_name"] = "nope"
+    manifest.flat_params.layout[0].shape = [32, 784]
+    manifest.flat_params.layout[0].onnx_name = "nope"
     with pytest.raises(ParamsError, match="missing nope"):
         read_onnx_params(src, manifest)
 
@@ -165,7 +165,7 @@ def test_external_data_files(name, export, tmp_path):
     assert (tmp_path / "ext2.onnx.data").exists()
     assert not list(tmp_path.glob(".*.tmp"))
     assert torch.equal(read_onnx_params(out, result.manifest), new)
-    ort_session(out).run(None, {"x": np.zeros((1, *result.manifest["input"]["shape"][1:]), np.float32)})
+    ort_session(out).run(None, {"x": np.zeros((1, *result.manifest.input.shape[1:]), np.float32)})
 
 
 @pytest.mark.parametrize("name", backbone_params("resnet18"))

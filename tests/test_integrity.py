@@ -49,6 +49,7 @@ def test_mixed_directory_is_refused(copy, tmp_path, capsys):
 
 
 def test_missing_file_and_bad_manifests_are_one_line(copy):
+    good = json.loads((copy / "manifest.json").read_text())
     (copy / "both.onnx").unlink()
     with pytest.raises(IntegrityError, match=r"both\.onnx: listed in manifest\.json but missing"):
         OnnxBackbone(copy)
@@ -60,8 +61,20 @@ def test_missing_file_and_bad_manifests_are_one_line(copy):
     with pytest.raises(ManifestError, match="expected a JSON object, found list"):
         OnnxBackbone(copy)
     (copy / "manifest.json").write_text(json.dumps({"files": {}}))
-    with pytest.raises(ManifestError, match="no 'backbone' dict"):
+    with pytest.raises(ManifestError, match="manifest.json: backbone: Field required") as info:
         OnnxBackbone(copy)
+    assert "\n" not in str(info.value)
+    for change, message in ((lambda m: m["files"]["out.onnx"].update(sha256="abc"),
+                             r"files\.out\.onnx\.sha256: String should match pattern"),
+                            (lambda m: m["flat_params"].update(count="many"), r"flat_params\.count: Input should be"),
+                            (lambda m: m["files"].update({"../x.onnx": m["files"]["out.onnx"]}),
+                             r"bad files entry '\.\./x\.onnx'")):
+        bad = json.loads(json.dumps(good))
+        change(bad)
+        (copy / "manifest.json").write_text(json.dumps(bad))
+        with pytest.raises(ManifestError, match=message) as info:
+            OnnxBackbone(copy)
+        assert "\n" not in str(info.value)
 
 
 def test_set_params_nonfinite_keeps_the_object_usable(name, export, copy):

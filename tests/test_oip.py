@@ -15,15 +15,16 @@ from export.serving.oip import (
     encode_infer_response,
     parse_infer_request,
 )
+from export.store.manifest import parse_manifest
 
 
 def spec(modes=("out", "features", "both", "full"), dynamic=("batch",)) -> ModelSpec:
     full = [{"name": "stage_0", "shape": ["batch", 4, "height", "width"]},
             {"name": "features", "shape": ["batch", 4]}, {"name": "logits", "shape": ["batch", 3]}]
     table = {"out": [full[2]], "features": [full[1]], "both": [full[2], full[1]], "full": full}
-    manifest = {"backbone": {"name": "toy"}, "files": {"out.onnx": {"sha256": "ab"}},
-                "input": {"name": "x", "shape": ["batch", 2, 8, 8], "dynamic": list(dynamic)},
-                "modes": {m: {"outputs": table[m]} for m in modes}}
+    manifest = parse_manifest({"backbone": {"name": "toy"}, "files": {"out.onnx": {"sha256": "ab" * 32, "size": 1}},
+                               "input": {"name": "x", "shape": ["batch", 2, 8, 8], "dynamic": list(dynamic)},
+                               "modes": {m: {"outputs": table[m]} for m in modes}, "flat_params": {"count": 0}})
     return ModelSpec.from_manifest(manifest, b"{}", "onnxruntime", "fp32")
 
 

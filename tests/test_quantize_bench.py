@@ -38,7 +38,7 @@ def test_quantize_directory(name, export, tmp_path, capsys):
     bad = tmp_path / "bad.npy"
     np.save(bad, calib[:, :, :10])
     assert main(["quantize", str(d), "--calibration", str(bad)]) == 2
-    assert "expected [N, 1x28x28]" in capsys.readouterr().err
+    assert "expected [batch, 1, 28, 28]" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("name", backbone_params("resnet18"))

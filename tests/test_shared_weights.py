@@ -32,13 +32,13 @@ def shared(tmp_path_factory):
 def test_weights_are_stored_once(shared):
     net, result = shared
     d, m = result.directory, result.manifest
-    assert m["onnx_weights"] == "shared" and SHARED_WEIGHTS in m["files"]
+    assert m.onnx_weights == "shared" and SHARED_WEIGHTS in m.files
     data = (d / SHARED_WEIGHTS).stat().st_size
     assert data == 4 * net.num_params()
     for mode in RETURNT_MODES:
         graph = onnx.load(str(d / f"{mode}.onnx"), load_external_data=False)
         external = {t.name for t in graph.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL}
-        assert {e["onnx_name"] for e in m["flat_params"]["layout"]} <= external
+        assert {e.onnx_name for e in m.flat_params.layout} <= external
         assert (d / f"{mode}.onnx").stat().st_size < data / 2
         assert torch.equal(read_onnx_params(d / f"{mode}.onnx", m), net.get_params())
 

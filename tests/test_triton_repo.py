@@ -39,7 +39,7 @@ def test_every_config_parses_and_matches_the_manifest(repo):
     names = sorted(p.name for p in out.iterdir() if p.is_dir())
     assert names == sorted([f"mnistmlp_{m}" for m in RETURNT_MODES] + [f"mnistmlp_{m}_ts" for m in RETURNT_MODES])
     for mode in RETURNT_MODES:
-        outputs = net.manifest["modes"][mode]["outputs"]
+        outputs = net.manifest.modes[mode].outputs
         onnx_cfg = parse_config(out / f"mnistmlp_{mode}" / "config.pbtxt")
         ts_cfg = parse_config(out / f"mnistmlp_{mode}_ts" / "config.pbtxt")
         assert (onnx_cfg.platform, ts_cfg.platform) == ("onnxruntime_onnx", "pytorch_libtorch")
@@ -47,10 +47,10 @@ def test_every_config_parses_and_matches_the_manifest(repo):
         assert onnx_cfg.HasField("dynamic_batching") and ts_cfg.HasField("dynamic_batching")
         assert [(i.name, list(i.dims)) for i in onnx_cfg.input] == [("x", list(net.input_shape))]
         assert [(i.name, list(i.dims)) for i in ts_cfg.input] == [("INPUT__0", list(net.input_shape))]
-        assert [(o.name, list(o.dims)) for o in onnx_cfg.output] == [(o["name"], o["shape"][1:]) for o in outputs]
-        assert [(o.name, list(o.dims)) for o in ts_cfg.output] == [(f"OUTPUT__{i}", o["shape"][1:])
+        assert [(o.name, list(o.dims)) for o in onnx_cfg.output] == [(o.name, o.shape[1:]) for o in outputs]
+        assert [(o.name, list(o.dims)) for o in ts_cfg.output] == [(f"OUTPUT__{i}", o.shape[1:])
                                                                    for i, o in enumerate(outputs)]
-        assert onnx_cfg.parameters["source_sha256"].string_value == net.manifest["files"][f"{mode}.onnx"]["sha256"]
+        assert onnx_cfg.parameters["source_sha256"].string_value == net.manifest.files[f"{mode}.onnx"].sha256
 
 
 def test_repository_files_give_the_exports_outputs(repo):

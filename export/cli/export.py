@@ -241,9 +241,9 @@ def _export(net, out_dir: Path, opts, source, prep=None) -> ExportResult:
 
 def _print_result(result: ExportResult) -> None:
     m = result.manifest
-    secs = m["timing"]["seconds"]
+    secs = m.timing["seconds"]
     if result.ok:
-        print(f"{result.directory}: {len(m['files'])} files, max |exported-eager| "
+        print(f"{result.directory}: {len(m.files)} files, max |exported-eager| "
               f"{result.max_error():.2g}, {sum(secs.values()):.1f}s "
               f"(onnx export {secs.get('onnx_export', 0):.1f}s)")
         return

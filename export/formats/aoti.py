@@ -24,7 +24,7 @@ from torch import Tensor
 from export.errors import ExportError, ParamsError
 from export.formats.base import Format, Layout, Source, used_parameters
 from export.store.flat_vector import check_params_vector, layout_names
-from export.store.manifest import ARTIFACT_SUFFIX
+from export.store.manifest import ARTIFACT_SUFFIX, ProgramInfo
 from export.store.tolerance import compare, failed_stats
 
 #: inductor options every package is compiled with (recorded in the manifest and the package's
@@ -78,10 +78,10 @@ def compile_package(program: torch.export.ExportedProgram, metadata: Dict[str, s
     return buffer.getvalue(), info
 
 
-def check_torch_version(name: str, entry: Dict[str, Any]) -> None:
+def check_torch_version(name: str, entry: Optional[ProgramInfo]) -> None:
     """A package runs only on the torch that compiled it (its shared library links that
     libtorch's C++ ABI): refuse another version before loading."""
-    built = entry.get("torch")
+    built = entry.torch if entry is not None else None
     if built != torch.__version__:
         raise AotiError(f"{name}: compiled with torch {built}, this is torch {torch.__version__}; "
                         "re-export with --formats aoti on this torch (or use the exported program, "
@@ -133,7 +133,7 @@ def package_constants(source: Union[Path, bytes], layout, name: str = "package",
     for e in layout:
         found = next((n for n in layout_names(e) if n in constants), None)
         if found is not None:
-            held[e["name"]] = constants[found].reshape(-1).float().cpu()
+            held[e.name] = constants[found].reshape(-1).float().cpu()
     return held
 
 
@@ -143,7 +143,7 @@ def package_params(source: Union[Path, bytes], layout, name: str = "package", de
     if len(held) != len(layout):
         raise ParamsError(f"{name}: holds {len(held)} of the {len(layout)} parameters (its mode does "
                           "not read the others); read them from an 'out' or 'full' package")
-    return torch.cat([held[e["name"]] for e in layout])
+    return torch.cat([held[e.name] for e in layout])
 
 
 def replaceable_weights(program: torch.export.ExportedProgram, package_bytes: bytes) -> bool:
@@ -163,16 +163,16 @@ def set_package_params(model, vector: Tensor, layout, allow_nonfinite: bool = Fa
     device = torch.device("cuda" if key.startswith("cuda") else "cpu")
     constants = {}
     for e in layout:
-        value = vector[e["offset"]:e["offset"] + e["length"]].view(e["shape"])
+        value = vector[e.offset:e.offset + e.length].view(e.shape)
         for fqn in layout_names(e):
             if fqn in fqns:
                 constants[fqn] = value.clone().to(device)
     model.load_constants(constants, check_full_update=False)
 
 
-def refuse_frozen(name: str, info: Dict[str, Any]) -> None:
+def refuse_frozen(name: str, info: ProgramInfo) -> None:
     """One line for a package whose weights inductor folded into other constants."""
-    if not info.get("weights_replaceable", True):
+    if not info.weights_replaceable:
         raise ParamsError(f"{name}: inductor folded parameters of this package into other constants "
                           "when compiling, so its weights cannot be replaced; re-export with the "
                           "new weights (python -m export ... --formats aoti)")

@@ -13,9 +13,11 @@ from typing import Any, Callable, Dict, List, Optional, Union
 import torch
 from torch import Tensor
 
+from export.store.manifest import LayoutEntry
+
 #: a file's path, or its bytes already checked against the manifest
 Source = Union[Path, bytes]
-Layout = List[Dict[str, Any]]
+Layout = List[LayoutEntry]
 
 
 @dataclass(frozen=True)

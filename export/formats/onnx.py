@@ -30,7 +30,7 @@ from export.errors import ExportError, ParamsError
 from export.formats.base import Format, Layout, Source
 from export.store.atomic import atomic_path
 from export.store.flat_vector import check_params_vector, checked_layout
-from export.store.manifest import ARTIFACT_SUFFIX, SHARED_WEIGHTS, read_manifest, refuse_export_file
+from export.store.manifest import ARTIFACT_SUFFIX, SHARED_WEIGHTS, Manifest, read_manifest, refuse_export_file
 from zoo.base import MammothBackbone, backbone_name, mode_outputs
 from zoo.heads import BACKBONE_PREFIX, parameter_aliases
 
@@ -293,7 +293,7 @@ def ort_session(source, device: str = "cpu", threads: Optional[int] = None, opti
 
 
 # ---------------------------------------------------------------- flat parameters
-def layout_for(path: Path, manifest: Optional[Dict[str, Any]] = None) -> List[Dict[str, Any]]:
+def layout_for(path: Path, manifest: Optional[Manifest] = None) -> Layout:
     """The ONNX flat-parameter layout: from `manifest`, else the manifest.json beside `path`."""
     manifest = manifest if manifest is not None else read_manifest(Path(path).parent)
     return checked_layout(manifest, path, onnx=True)
@@ -325,12 +325,12 @@ def _parsed(path: Path, parse) -> onnx.ModelProto:
 
 def _initializers(model: onnx.ModelProto, layout, path) -> Dict[str, onnx.TensorProto]:
     inits = {t.name: t for t in model.graph.initializer}
-    missing = [e["onnx_name"] for e in layout if e["onnx_name"] not in inits]
+    missing = [e.onnx_name for e in layout if e.onnx_name not in inits]
     if missing:
         raise ParamsError(f"{path}: initializers do not match the manifest: missing "
                               f"{', '.join(missing[:5])}" + (" ..." if len(missing) > 5 else ""))
-    bad = [f"{e['onnx_name']} {list(inits[e['onnx_name']].dims)} != {e['shape']}" for e in layout
-           if list(inits[e["onnx_name"]].dims) != list(e["shape"])]
+    bad = [f"{e.onnx_name} {list(inits[e.onnx_name].dims)} != {e.shape}" for e in layout
+           if list(inits[e.onnx_name].dims) != list(e.shape)]
     if bad:
         raise ParamsError(f"{path}: initializers do not match the manifest: shape of "
                               + "; ".join(bad[:3]))
@@ -340,11 +340,11 @@ def _initializers(model: onnx.ModelProto, layout, path) -> Dict[str, onnx.Tensor
 def params_of_model(model: onnx.ModelProto, layout, path) -> Tensor:
     """The flat vector held by a loaded model's initializers, in layout order."""
     inits = _initializers(model, layout, path)
-    parts = [numpy_helper.to_array(inits[e["onnx_name"]]).reshape(-1) for e in layout]
+    parts = [numpy_helper.to_array(inits[e.onnx_name]).reshape(-1) for e in layout]
     return torch.from_numpy(np.concatenate(parts).astype(np.float32, copy=False))
 
 
-def read_onnx_params(path: Path, manifest: Optional[Dict[str, Any]] = None) -> Tensor:
+def read_onnx_params(path: Path, manifest: Optional[Manifest] = None) -> Tensor:
     """The flat parameter vector stored in an exported ONNX file (== eager `get_params()`).
 
     Args:
@@ -362,8 +362,8 @@ def set_model_params(model: onnx.ModelProto, vector: Tensor, layout, path="model
     array = vector.detach().cpu().numpy()
     replacements = []
     for e in layout:
-        old = inits[e["onnx_name"]]
-        chunk = array[e["offset"]:e["offset"] + e["length"]].reshape(e["shape"])
+        old = inits[e.onnx_name]
+        chunk = array[e.offset:e.offset + e.length].reshape(e.shape)
         replacements.append((old, numpy_helper.from_array(chunk.astype(np.float32), old.name)))
     for old, new in replacements:  # all validated and converted: now change the model
         old.CopyFrom(new)
@@ -371,7 +371,7 @@ def set_model_params(model: onnx.ModelProto, vector: Tensor, layout, path="model
 
 
 def write_onnx_params(path: Path, vector: Tensor, out: Path,
-                      manifest: Optional[Dict[str, Any]] = None,
+                      manifest: Optional[Manifest] = None,
                       allow_nonfinite: bool = False) -> Path:
     """A copy of the ONNX file at `path` with `vector` as its parameters, written atomically
     (`manifest`: its export's, default the manifest.json beside `path`)."""
@@ -381,7 +381,7 @@ def write_onnx_params(path: Path, vector: Tensor, out: Path,
 def _write_params(path: Path, vector: Tensor, out: Path, layout: Layout, allow_nonfinite: bool = False) -> Path:
     path, out = Path(path), Path(out)
     model = load_onnx(path)
-    if any("onnx_name" not in e for e in layout):
+    if any(e.onnx_name is None for e in layout):
         raise ParamsError(f"{path}: the manifest has no ONNX parameter layout (export with --formats including onnx)")
     if out.resolve() == path.resolve():
         raise ParamsError(f"{out}: write to a new file; overwriting an exported artifact would "
@@ -420,10 +420,10 @@ def write_shared_weights(graph: Path, data_file: Path, vector: Tensor, layout: L
     data = bytearray(Path(data_file).read_bytes())
     values = vector.detach().cpu().numpy().astype("<f4")
     for e in layout:
-        place = where.get(e["onnx_name"])
-        chunk = values[e["offset"]:e["offset"] + e["length"]].tobytes()
+        place = where.get(e.onnx_name)
+        chunk = values[e.offset:e.offset + e.length].tobytes()
         if place is None or int(place.get("length", -1)) != len(chunk):
-            raise ParamsError(f"{graph}: {e['onnx_name']} is not where the layout expects it "
+            raise ParamsError(f"{graph}: {e.onnx_name} is not where the layout expects it "
                               f"in {Path(data_file).name}")
         start = int(place.get("offset", 0))
         data[start:start + len(chunk)] = chunk
@@ -442,7 +442,7 @@ def _load(source: Source, device: str = "cpu") -> Callable[[Tensor], Any]:
 
 
 def _read_params(path: Path, layout: Layout) -> Tensor:
-    if any("onnx_name" not in e for e in layout):
+    if any(e.onnx_name is None for e in layout):
         raise ParamsError(f"{path}: the manifest has no ONNX parameter layout (export with --formats including onnx)")
     return params_of_model(load_onnx(path), layout, path)
 

@@ -50,25 +50,25 @@ def _state(program: torch.export.ExportedProgram, layout, path) -> Dict[str, Lis
     checked against the layout."""
     state = program.state_dict
     used = used_parameters(program)
-    expected = ", ".join(f"{e['name']}{e['shape']}" for e in layout[:4]) + (" ..." if len(layout) > 4 else "")
+    expected = ", ".join(f"{e.name}{e.shape}" for e in layout[:4]) + (" ..." if len(layout) > 4 else "")
     found: Dict[str, List[Tensor]] = {}
     for e in layout:
         names = sorted((n for n in layout_names(e) if n in state), key=lambda n: n not in used)
         if not names:
             raise ParamsError(f"{path}: its parameters do not match the manifest's layout (missing "
-                              f"{e['name']}); expected {expected}")
+                              f"{e.name}); expected {expected}")
         tensors = [state[n] for n in names]
-        if any(list(t.shape) != list(e["shape"]) for t in tensors):
+        if any(list(t.shape) != list(e.shape) for t in tensors):
             raise ParamsError(f"{path}: its parameters do not match the manifest's layout (shape of "
-                              f"{e['name']} {list(tensors[0].shape)} != {e['shape']}); expected {expected}")
-        found[e["name"]] = tensors
+                              f"{e.name} {list(tensors[0].shape)} != {e.shape}); expected {expected}")
+        found[e.name] = tensors
     return found
 
 
 def program_params(program: torch.export.ExportedProgram, layout, path="program") -> Tensor:
     """The flat vector a program holds, in the layout's (= eager `parameters()`) order."""
     state = _state(program, layout, path)
-    return torch.cat([state[e["name"]][0].detach().reshape(-1).cpu() for e in layout])
+    return torch.cat([state[e.name][0].detach().reshape(-1).cpu() for e in layout])
 
 
 def set_program_params(program: torch.export.ExportedProgram, vector: Tensor, layout,
@@ -79,8 +79,8 @@ def set_program_params(program: torch.export.ExportedProgram, vector: Tensor, la
     state = _state(program, layout, path)
     with torch.no_grad():
         for e in layout:
-            for t in state[e["name"]]:
-                t.copy_(vector[e["offset"]:e["offset"] + e["length"]].view(t.shape).to(t.device))
+            for t in state[e.name]:
+                t.copy_(vector[e.offset:e.offset + e.length].view(t.shape).to(t.device))
 
 
 def write_program_params(path: Path, vector: Tensor, out: Path, layout,

@@ -14,7 +14,16 @@ from export.pipeline.preprocessing import Normalize, Preprocessing
 from export.pipeline.trace import MAX_BATCH, derive_program, dynamic_dims, export_program
 from export.pipeline.verify import eager_outputs, verify_file
 from export.store.atomic import atomic_path
-from export.store.manifest import SHARED_WEIGHTS, aoti_name, artifact_name, file_entry, write_manifest
+from export.store.manifest import (
+    SHARED_WEIGHTS,
+    FileEntry,
+    Manifest,
+    aoti_name,
+    artifact_name,
+    file_entry,
+    parse_manifest,
+    write_manifest,
+)
 from export.store.tolerance import ATOL, RTOL, sample_inputs, tolerance_record
 from export.store.transaction import DirectoryTransaction
 from zoo.base import RETURNT_MODES, MammothBackbone, backbone_name, mode_outputs
@@ -31,7 +40,7 @@ _LARGEST_BATCH = 3
 @dataclass
 class ExportResult:
     directory: Path
-    manifest: Dict[str, Any]
+    manifest: Manifest
     failures: List[str] = field(default_factory=list)
 
     @property
@@ -39,7 +48,7 @@ class ExportResult:
         return not self.failures
 
     def max_error(self) -> float:
-        errs = [s["max_abs"] for fmt in self.manifest["verification"].values()
+        errs = [s["max_abs"] for fmt in self.manifest.verification.values()
                 for outs in fmt.values() for s in outs.values()]
         return max(errs, default=0.0)
 
@@ -292,7 +301,7 @@ def _write_verified_set(net: MammothBackbone, out_dir: Path, modes: Sequence[str
 
     # 4. record
     entries = _output_entries(net, shape, device)
-    manifest = {
+    manifest = parse_manifest({
         "format_version": 1,
         "backbone": {"name": backbone_name(net),
                      "args": getattr(net, "registry_kwargs", {}),
@@ -315,7 +324,7 @@ def _write_verified_set(net: MammothBackbone, out_dir: Path, modes: Sequence[str
                         "layout": param_layout(net, onnx_names)},
         "timing": {"created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                    "seconds": {k: round(v, 3) for k, v in seconds.items()}},
-    }
+    }, "the manifest being written")
     write_manifest(out_dir, manifest)
     return ExportResult(out_dir, manifest, rec.failures)
 
@@ -324,7 +333,7 @@ class _Record:
     """What the manifest says of the files written so far, and which failed verification."""
 
     def __init__(self, formats: Sequence[str]) -> None:
-        self.files: Dict[str, Dict[str, Any]] = {}
+        self.files: Dict[str, FileEntry] = {}
         self.programs: Dict[str, Dict[str, Any]] = {}  # file -> format, mode, batch, dynamic, ...
         self.verification: Dict[str, Dict[str, Any]] = {f: {} for f in formats}
         self.failures: List[str] = []

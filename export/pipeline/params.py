@@ -9,7 +9,7 @@ and writing (`export.formats.base.Format.read_params` / `write_params`).
 
 import os
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Optional
 
 import numpy as np
 import torch
@@ -20,7 +20,7 @@ from export.formats import format_of_file, get_format
 from export.formats.aoti import check_torch_version
 from export.store.atomic import TMP_SUFFIX
 from export.store.flat_vector import check_params_vector, checked_layout
-from export.store.manifest import SHARED_WEIGHTS, check_files, file_entry, mode_files
+from export.store.manifest import SHARED_WEIGHTS, Manifest, check_files, file_entry
 from export.store.transaction import manifest_update
 
 TENSOR_SUFFIXES = (".npy", ".pt", ".pth", ".safetensors")
@@ -45,7 +45,7 @@ def load_tensor(path: Path, what: str = "data") -> np.ndarray:
     return value.detach().cpu().numpy()
 
 
-def _manifest_of(path: Path, manifest: Optional[Dict[str, Any]]) -> Dict[str, Any]:
+def _manifest_of(path: Path, manifest: Optional[Manifest]) -> Manifest:
     from export.store.manifest import read_manifest
 
     if not Path(path).is_file():
@@ -53,18 +53,18 @@ def _manifest_of(path: Path, manifest: Optional[Dict[str, Any]]) -> Dict[str, An
     return manifest if manifest is not None else read_manifest(Path(path).parent)
 
 
-def read_params(path: Path, manifest: Optional[Dict[str, Any]] = None) -> Tensor:
+def read_params(path: Path, manifest: Optional[Manifest] = None) -> Tensor:
     """The flat vector an exported file of any format holds (`manifest`: its export's, default
     the manifest.json beside the file)."""
     path = Path(path)
     fmt = format_of_file(path)
     manifest = _manifest_of(path, manifest)
     if fmt == "aoti":
-        check_torch_version(path.name, (manifest.get("programs") or {}).get(path.name, {}))
+        check_torch_version(path.name, manifest.programs.get(path.name))
     return get_format(fmt).read_params(path, checked_layout(manifest, path, onnx=fmt == "onnx"))
 
 
-def write_params(path: Path, vector: Tensor, out: Path, manifest: Optional[Dict[str, Any]] = None,
+def write_params(path: Path, vector: Tensor, out: Path, manifest: Optional[Manifest] = None,
                  allow_nonfinite: bool = False) -> Path:
     """A copy of an exported file at `out` with `vector` as its parameters."""
     path = Path(path)
@@ -74,7 +74,7 @@ def write_params(path: Path, vector: Tensor, out: Path, manifest: Optional[Dict[
                                         allow_nonfinite)
 
 
-def rewrite_shared_params(directory: Path, vector: Tensor, allow_nonfinite: bool = False) -> Dict[str, Any]:
+def rewrite_shared_params(directory: Path, vector: Tensor, allow_nonfinite: bool = False) -> Manifest:
     """Put `vector` into an export directory with shared ONNX weights, in place and atomically.
 
     `weights.onnx.data` (read by every mode's graph) gets the new values at the offsets the
@@ -87,27 +87,28 @@ def rewrite_shared_params(directory: Path, vector: Tensor, allow_nonfinite: bool
 
     directory = Path(directory)
     with manifest_update(directory) as (staging, manifest):
-        if manifest.get("onnx_weights") != "shared":
+        if manifest.onnx_weights != "shared":
             raise ParamsError(f"{directory}: its ONNX files hold their own weights (exported "
                               "without --onnx-weights shared); write a new file with --out")
         check_files(staging, manifest)
         layout = checked_layout(manifest, staging, onnx=True)
         check_params_vector(vector, layout, allow_nonfinite)
         vector = vector.detach().cpu()
-        graph = staging / next(iter(mode_files(manifest, "onnx").values()))
+        graph = staging / next(iter(manifest.mode_files("onnx").values()))
         write_shared_weights(graph, staging / SHARED_WEIGHTS, vector, layout)
-        manifest["files"][SHARED_WEIGHTS] = file_entry(staging / SHARED_WEIGHTS)
+        manifest.files[SHARED_WEIGHTS] = file_entry(staging / SHARED_WEIGHTS)
         for fmt in ("torchscript", "exported"):
-            for name in mode_files(manifest, fmt).values():
+            for name in manifest.mode_files(fmt).values():
                 new = staging / f".{name}.new{TMP_SUFFIX}"
                 get_format(fmt).write_params(staging / name, vector, new, layout, allow_nonfinite)
                 os.replace(new, staging / name)
-                manifest["files"][name] = file_entry(staging / name)
-        stale = [info["file"] for info in manifest.pop("quantized", {}).values()]
-        stale += [n for n, info in (manifest.get("programs") or {}).items() if info["format"] == "aoti"]
+                manifest.files[name] = file_entry(staging / name)
+        stale = [info["file"] for info in manifest.quantized.values()]
+        stale += [n for n, info in manifest.programs.items() if info.format == "aoti"]
+        manifest.quantized = {}
         for name in stale:
-            manifest["files"].pop(name, None)
-            (manifest.get("programs") or {}).pop(name, None)
+            manifest.files.pop(name, None)
+            manifest.programs.pop(name, None)
             (staging / name).unlink(missing_ok=True)
-        manifest["source"] = {**manifest.get("source", {}), "params_rewritten": True}
+        manifest.source = {**manifest.source, "params_rewritten": True}
     return manifest

@@ -17,15 +17,7 @@ from export.formats.program import load_program
 from export.formats.torchscript import load_torchscript
 from export.pipeline.preprocessing import Normalize
 from export.store.flat_vector import checked_layout
-from export.store.manifest import (
-    artifacts,
-    check_files,
-    layout_problem,
-    mode_files,
-    output_names,
-    read_manifest,
-    stray_files,
-)
+from export.store.manifest import Manifest, check_files, layout_problem, read_manifest, stray_files
 from export.store.tolerance import compare, sample_inputs
 from zoo.base import MammothBackbone, unpack_outputs
 from zoo.heads import BACKBONE_PREFIX
@@ -54,19 +46,18 @@ class VerifyError(ExportError):
     """Artifacts that do not match their manifest or each other."""
 
 
-def eager_from_artifacts(directory: Path, manifest: Dict[str, Any]) -> torch.nn.Module:
+def eager_from_artifacts(directory: Path, manifest: Manifest) -> torch.nn.Module:
     """Rebuild the eager backbone from the manifest's arguments and the artifacts' weights."""
-    backbone = manifest["backbone"]
+    backbone = manifest.backbone
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)  # pretrained variants: weights follow
-            net = get_backbone(backbone["name"],
-                               **{k: v for k, v in backbone["args"].items() if k != "weights"})
+            net = get_backbone(backbone.name, **{k: v for k, v in backbone.args.items() if k != "weights"})
     except KeyError:
-        raise VerifyError(f"{directory}: backbone {backbone['name']!r} is not registered, so the "
+        raise VerifyError(f"{directory}: backbone {backbone.name!r} is not registered, so the "
                           "eager reference cannot be rebuilt") from None
-    ts_files = sorted(mode_files(manifest, "torchscript").values())
-    programs = sorted(mode_files(manifest, "exported").values())
+    ts_files = sorted(manifest.mode_files("torchscript").values())
+    programs = sorted(manifest.mode_files("exported").values())
     if ts_files or programs:
         if ts_files:
             state = load_torchscript(directory / ts_files[0]).state_dict()
@@ -80,7 +71,7 @@ def eager_from_artifacts(directory: Path, manifest: Dict[str, Any]) -> torch.nn.
 
         from export.formats.onnx import read_onnx_params
 
-        onnx_file = directory / next(iter(mode_files(manifest, "onnx").values()))  # int8 files do not hold them
+        onnx_file = directory / next(iter(manifest.mode_files("onnx").values()))  # int8 files do not hold them
         net.set_params(read_onnx_params(onnx_file, manifest))
         inits = {t.name: t for t in onnx.load(str(onnx_file)).graph.initializer}
         for name, buf in net.named_buffers():
@@ -100,15 +91,14 @@ class VerifyReport:
         return sum(r[-1] != "ok" for r in self.rows)
 
 
-def _check_layout(directory: Path, manifest: Dict[str, Any], net: torch.nn.Module) -> None:
+def _check_layout(directory: Path, manifest: Manifest, net: torch.nn.Module) -> None:
     """The manifest's flat-parameter layout tiles the vector and names the backbone's
     parameters in parameters() order with their shapes."""
-    flat = manifest["flat_params"]
-    layout = flat.get("layout", [])
-    problem = layout_problem(layout, flat.get("count"))
+    layout = manifest.flat_params.layout
+    problem = layout_problem(layout, manifest.flat_params.count)
     if not problem:
         ours = [(n, list(p.shape)) for n, p in net.named_parameters()]
-        theirs = [(e["name"], list(e["shape"])) for e in layout]
+        theirs = [(e.name, list(e.shape)) for e in layout]
         if ours != theirs:
             bad = next((t for o, t in zip(ours, theirs) if o != t), None) or "its length"
             problem = f"it does not list the backbone's parameters in order (first difference: {bad})"
@@ -121,22 +111,22 @@ def verify_directory(directory: Path, seed: int = 1, device: str = "cpu") -> Ver
     parameter vector each file holds); the rows of the report table."""
     directory = Path(directory)
     manifest = read_manifest(directory)
-    if not manifest["files"]:
+    if not manifest.files:
         raise VerifyError(f"{directory}: the manifest lists no files: nothing to verify "
                           "(re-export it)")
     check_files(directory, manifest)
     net = eager_from_artifacts(directory, manifest).to(device)
     _check_layout(directory, manifest, net)
     params = net.get_params().cpu()
-    shape = [d for d in manifest["input"]["shape"][1:]]
-    prep = manifest.get("preprocessing") or {}
+    shape = list(manifest.input.shape[1:])
+    prep = manifest.preprocessing or {}
     preprocess = Normalize(prep["mean"], prep["std"]) if prep.get("baked") else None
     inputs = sample_inputs(shape, seed=seed, images=preprocess is not None)
     report = VerifyReport(stray=stray_files(directory, manifest))
     wanted: Dict[Any, Any] = {}
-    for mode, fmt, name, batch in artifacts(manifest):
+    for mode, fmt, name, batch in manifest.artifacts():
         path = directory / name
-        outputs = output_names(manifest, mode)
+        outputs = manifest.output_names(mode)
         ins = inputs if batch is None else sample_inputs(shape, seed=seed, images=preprocess is not None,
                                                          batches=(batch,))
         if (mode, batch) not in wanted:
@@ -150,15 +140,15 @@ def verify_directory(directory: Path, seed: int = 1, device: str = "cpu") -> Ver
     return report
 
 
-def _holds_params(path: Path, fmt: str, manifest: Dict[str, Any], params: torch.Tensor, device: str) -> bool:
+def _holds_params(path: Path, fmt: str, manifest: Manifest, params: torch.Tensor, device: str) -> bool:
     """Whether the file holds the eager flat vector: all of it, bit for bit (an AOTInductor
     package: every parameter its mode reads, which is all it holds)."""
     layout = checked_layout(manifest, path, onnx=fmt == "onnx")
     if fmt != "aoti":
         return torch.equal(get_format(fmt).read_params(path, layout), params)
-    check_torch_version(path.name, manifest["programs"][path.name])
+    check_torch_version(path.name, manifest.programs[path.name])
     held = package_constants(path, layout, path.name, device)
-    return bool(held) and all(torch.equal(held[e["name"]], params[e["offset"]:e["offset"] + e["length"]])
-                              for e in layout if e["name"] in held)
+    return bool(held) and all(torch.equal(held[e.name], params[e.offset:e.offset + e.length])
+                              for e in layout if e.name in held)
 
 

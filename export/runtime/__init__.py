@@ -18,11 +18,11 @@ modules are then made from the very bytes that were hashed; about 0.05 s per 45 
 """
 
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple, Union
+from typing import List, Optional, Tuple, Union
 
 from export.runtime.base import ENGINES, RuntimeBackbone, check_engine
 from export.runtime.ort_engine import OnnxBackbone
-from export.store.manifest import aoti_packages, artifact_name
+from export.store.manifest import Manifest, artifact_name
 
 __all__ = ["load", "available_pairs", "check_engine", "ENGINES", "OnnxBackbone", "RuntimeBackbone"]
 
@@ -60,12 +60,12 @@ def load(directory: Union[str, Path], engine: str = "onnxruntime", precision: st
     return TORCH_ENGINES[engine](directory, threads=threads, device=device, verify_hashes=verify_hashes)
 
 
-def available_pairs(manifest: Dict[str, Any], mode: str = "out") -> List[Tuple[str, str]]:
+def available_pairs(manifest: Manifest, mode: str = "out") -> List[Tuple[str, str]]:
     """(engine, precision) pairs that can run `mode` of an export directory on this machine:
     its files are there, the engine is installed, the CPU has the precision."""
     from export.errors import ExportError
 
-    files = manifest["files"]
+    files = manifest.files
     has = {kind: artifact_name(mode, kind) in files for kind in ("onnx", "int8", "torchscript", "exported")}
     pairs: List[Tuple[str, str]] = []
     if has["onnx"]:
@@ -85,6 +85,6 @@ def available_pairs(manifest: Dict[str, Any], mode: str = "out") -> List[Tuple[s
     except ExportError:
         pass  # openvino not installed: its pairs are not available here
     pairs += [(engine, "fp32") for engine in ("torchscript", "exported") if has[engine]]
-    if None in aoti_packages(manifest, mode):
+    if None in manifest.aoti_packages(mode):
         pairs.append(("aoti", "fp32"))
     return pairs

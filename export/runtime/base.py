@@ -8,7 +8,7 @@ from typing import Any, Dict, List, Sequence, Tuple, Union
 import numpy as np
 
 from export.errors import ExportError, ManifestError
-from export.store.manifest import check_files, output_names, read_manifest, read_verified
+from export.store.manifest import Manifest, check_files, read_manifest, read_verified
 from zoo.base import check_returnt, pack_outputs
 
 #: engine -> the precisions it runs (int8: the `<mode>.int8.onnx` files `quantize` writes)
@@ -38,11 +38,10 @@ class RuntimeBackbone:
 
     def __init__(self, directory: Union[str, Path], verify_hashes: bool = True) -> None:
         self.directory = Path(directory)
-        self.manifest: Dict[str, Any] = read_manifest(self.directory)
+        self.manifest: Manifest = read_manifest(self.directory)
         self.verify_hashes = verify_hashes
-        spec = self.manifest["input"]
-        self.input_shape = tuple(spec["shape"][1:])
-        self.dynamic_hw = "height" in spec.get("dynamic", [])
+        self.input_shape = tuple(self.manifest.input.shape[1:])
+        self.dynamic_hw = self.manifest.dynamic_hw
         self.modes: List[str] = []
 
     def _require(self, modes: Sequence[str], what: str, hint: str) -> None:
@@ -62,10 +61,10 @@ class RuntimeBackbone:
 
     def __repr__(self) -> str:
         return (f"{type(self).__name__}({str(self.directory)!r}, "
-                f"backbone={self.manifest['backbone']['name']!r}, modes={self.modes})")
+                f"backbone={self.manifest.backbone.name!r}, modes={self.modes})")
 
     def output_names(self, mode: str) -> List[str]:
-        return output_names(self.manifest, mode)
+        return self.manifest.output_names(mode)
 
     def _check_mode(self, mode: str) -> None:
         check_returnt(mode)
@@ -79,17 +78,11 @@ class RuntimeBackbone:
             x = x.detach().cpu().numpy()
         if not isinstance(x, np.ndarray):
             raise TypeError(f"input must be a numpy array or torch tensor, got {type(x).__name__}")
-        expected = "x".join(map(str, self.input_shape))
         if not np.issubdtype(x.dtype, np.floating):
-            raise TypeError(f"input dtype {x.dtype} is not floating point; expected float32 "
-                            f"images of shape [batch, {expected}]")
-        if x.ndim != len(self.input_shape) + 1:
-            raise ValueError(f"input of shape {list(x.shape)} has rank {x.ndim}; expected "
-                             f"[batch, {expected}]")
-        fixed = self.input_shape[:1] if self.dynamic_hw else self.input_shape
-        if tuple(x.shape[1:1 + len(fixed)]) != tuple(fixed) or x.shape[0] < 1:
-            raise ValueError(f"input of shape {list(x.shape)} does not fit; expected [batch, "
-                             f"{expected}]" + (" (H, W free)" if self.dynamic_hw else ""))
+            raise TypeError(f"input dtype {x.dtype} is not floating point; expected float32 images")
+        problem = self.manifest.input_shape_problem(x.shape)
+        if problem:
+            raise ValueError(f"input of {problem}")
         return np.ascontiguousarray(x, dtype=np.float32)
 
     def _run(self, mode: str, x: np.ndarray) -> List[Any]:

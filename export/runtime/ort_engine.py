@@ -18,7 +18,7 @@ from export.formats.onnx import (
 )
 from export.runtime.base import RuntimeBackbone, check_engine
 from export.store.flat_vector import check_params_vector
-from export.store.manifest import SHARED_WEIGHTS, artifact_name, modes_with
+from export.store.manifest import SHARED_WEIGHTS, artifact_name
 
 
 class OnnxBackbone(RuntimeBackbone):
@@ -63,14 +63,14 @@ class OnnxBackbone(RuntimeBackbone):
         self.precision = precision
         self.kind = "int8" if precision == "int8" else "onnx"
         if self.kind == "int8":
-            self._require(modes_with(self.manifest, "int8"),
+            self._require(self.manifest.modes_with("int8"),
                           "int8 ONNX file", f"quantize it first: python -m export quantize {self.directory} "
                           "--calibration DATA")
         else:
-            self._require(modes_with(self.manifest, "onnx"),
+            self._require(self.manifest.modes_with("onnx"),
                           "ONNX file", "export with --formats including onnx")
         # shared weights: the graphs read one external-data file, resolved beside them on disk
-        self.shared_weights = self.kind == "onnx" and self.manifest.get("onnx_weights") == "shared"
+        self.shared_weights = self.kind == "onnx" and self.manifest.onnx_weights == "shared"
         self._check_files([artifact_name(m, self.kind) for m in self.modes]
                           + ([SHARED_WEIGHTS] if self.shared_weights else []))
 

@@ -23,7 +23,7 @@ from export.formats.program import load_program, program_params, set_program_par
 from export.formats.torchscript import load_torchscript
 from export.runtime.base import RuntimeBackbone
 from export.store.flat_vector import check_params_vector
-from export.store.manifest import aoti_packages, artifact_name, modes_with
+from export.store.manifest import artifact_name
 from zoo.base import RETURNT_MODES, unpack_outputs
 
 
@@ -87,7 +87,7 @@ class TorchScriptBackbone(TorchBackbone):
 
     def __init__(self, directory, threads=None, device="cpu", verify_hashes=True) -> None:
         super().__init__(directory, threads, device, verify_hashes)
-        self._require(modes_with(self.manifest, "torchscript"),
+        self._require(self.manifest.modes_with("torchscript"),
                       "TorchScript file", "export with --formats including torchscript")
         self._check_files([artifact_name(m, "torchscript") for m in self.modes])
 
@@ -116,7 +116,7 @@ class ExportedBackbone(TorchBackbone):
 
     def __init__(self, directory, threads=None, device="cpu", verify_hashes=True) -> None:
         super().__init__(directory, threads, device, verify_hashes)
-        self._require(modes_with(self.manifest, "exported"),
+        self._require(self.manifest.modes_with("exported"),
                       "torch.export program", "export with --formats including exported")
         self._check_files([artifact_name(m, "exported") for m in self.modes])
 
@@ -149,9 +149,9 @@ class AotiBackbone(TorchBackbone):
 
     def __init__(self, directory, threads=None, device="cpu", verify_hashes=True) -> None:
         super().__init__(directory, threads, device, verify_hashes)
-        programs = self.manifest.get("programs") or {}
+        programs = self.manifest.programs
         self.packages: Dict[str, Dict[Optional[int], str]] = {
-            m: aoti_packages(self.manifest, m) for m in RETURNT_MODES if aoti_packages(self.manifest, m)}
+            m: self.manifest.aoti_packages(m) for m in RETURNT_MODES if self.manifest.aoti_packages(m)}
         self._require(list(self.packages), "AOTInductor package",
                       "export with --formats including aoti")
         names = [n for by_batch in self.packages.values() for n in by_batch.values()]
@@ -188,7 +188,7 @@ class AotiBackbone(TorchBackbone):
         """Use `vector` as the parameters of every package (`load_constants`, no recompiling)."""
         for by_batch in self.packages.values():
             for name in by_batch.values():
-                refuse_frozen(name, self.manifest["programs"][name])
+                refuse_frozen(name, self.manifest.programs[name])
         super().set_params(vector, allow_nonfinite)
 
     def get_params(self) -> torch.Tensor:

@@ -16,7 +16,7 @@ def check_directories(directories: Sequence[Path], engine: str, precision: str) 
     names: Dict[str, Path] = {}
     for d in directories:
         net = load(d, engine=engine, precision=precision)  # hashes every file the engine uses
-        name = net.manifest["backbone"]["name"]
+        name = net.manifest.backbone.name
         if name in names:
             raise ExportError(f"{d} and {names[name]} both hold backbone {name!r}; a model name is served once")
         names[name] = d.resolve()

@@ -14,7 +14,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from export.store.manifest import free_dims, input_dims, output_names
+from export.store.manifest import Manifest, free_dims
 from zoo.base import RETURNT_MODES
 
 #: the one input and output datatype exports have (the manifest's float32)
@@ -52,21 +52,23 @@ class ModelSpec:
     #: output name -> dims, every output of every exported mode
     outputs: Dict[str, List[int]] = field(default_factory=dict)
     parameters: Dict[str, Any] = field(default_factory=dict)
+    #: the export's manifest (what inputs are checked against)
+    manifest: Optional[Manifest] = field(default=None, repr=False)
 
     @classmethod
-    def from_manifest(cls, manifest: Dict[str, Any], manifest_bytes: bytes, engine: str,
+    def from_manifest(cls, manifest: Manifest, manifest_bytes: bytes, engine: str,
                       precision: str) -> "ModelSpec":
-        spec = manifest["input"]
-        modes = {m: output_names(manifest, m) for m in RETURNT_MODES if m in manifest["modes"]}
+        spec = manifest.input
+        modes = {m: manifest.output_names(m) for m in RETURNT_MODES if m in manifest.modes}
         outputs: Dict[str, List[int]] = {}
         for mode in sorted(modes, key=lambda m: m != "full"):  # 'full' first: stage order
-            for o in manifest["modes"][mode]["outputs"]:
-                outputs.setdefault(o["name"], free_dims(o["shape"]))
+            for o in manifest.modes[mode].outputs:
+                outputs.setdefault(o.name, free_dims(o.shape))
         params = {"returnt_modes": list(modes), "engine": engine, "precision": precision,
                   "manifest_sha256": hashlib.sha256(manifest_bytes).hexdigest(),
-                  "files": {n: f["sha256"] for n, f in sorted(manifest["files"].items())},
-                  "input_shape_at_export": [1, *spec["shape"][1:]]}
-        return cls(manifest["backbone"]["name"], spec["name"], input_dims(manifest), modes, outputs, params)
+                  "files": {n: f.sha256 for n, f in sorted(manifest.files.items())},
+                  "input_shape_at_export": [1, *spec.shape[1:]]}
+        return cls(manifest.backbone.name, spec.name, manifest.input_dims(), modes, outputs, params, manifest)
 
     def metadata(self) -> Dict[str, Any]:
         """GET /v2/models/{name}: the protocol's model metadata (+ modes, engine and sha256s)."""
@@ -76,15 +78,6 @@ class ModelSpec:
                 "outputs": [{"name": n, "datatype": DATATYPE, "shape": d} for n, d in self.outputs.items()],
                 "parameters": self.parameters}
 
-    def check_input_shape(self, shape: List[int]) -> None:
-        want = self.input_dims
-        text = "[" + ", ".join("batch" if i == 0 else ("any" if d < 0 else str(d))
-                               for i, d in enumerate(want)) + "]"
-        if len(shape) != len(want):
-            raise RequestError(f"input {self.input_name!r} has shape {shape} (rank {len(shape)}); "
-                               f"expected rank {len(want)}: {text}")
-        if shape[0] < 1 or any(d < 1 for d in shape) or any(w >= 0 and d != w for d, w in zip(shape, want)):
-            raise RequestError(f"input {self.input_name!r} has shape {shape}; expected {text} with batch >= 1")
 
     def choose_mode(self, wanted: List[str], returnt: Optional[str]) -> str:
         """The returnt mode a request runs: the one it names, else the smallest exported mode
@@ -170,7 +163,9 @@ def parse_infer_request(spec: ModelSpec, body: bytes, header_length: Optional[st
     if dtype != DATATYPE:
         raise RequestError(f"input {name!r} has datatype {dtype!r}; allowed: {DATATYPE}")
     shape = _int_list(tensor.get("shape"), f"shape of input {name!r}")
-    spec.check_input_shape(shape)
+    problem = spec.manifest.input_shape_problem(shape)
+    if problem:
+        raise RequestError(f"input {name!r}: {problem}")
     count = int(np.prod(shape))
     tparams = tensor.get("parameters") or {}
     size = tparams.get("binary_data_size") if isinstance(tparams, dict) else None

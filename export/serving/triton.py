@@ -13,16 +13,15 @@ swapped in when complete), so Triton polling the repository never sees half a mo
 """
 
 from pathlib import Path
-from typing import Any, Dict, List, Sequence, Tuple
+from typing import Dict, List, Sequence, Tuple
 
 from export.errors import ExportError
 from export.store.manifest import (
     MANIFEST,
     SHARED_WEIGHTS,
+    Manifest,
     artifact_name,
     free_dims,
-    input_dims,
-    modes_with,
     read_manifest,
     read_verified,
 )
@@ -36,7 +35,7 @@ BACKENDS: Dict[str, Tuple[str, str, str, str]] = {
 CONFIG = "config.pbtxt"
 
 
-def model_config(manifest: Dict[str, Any], mode: str, backend: str, max_batch_size: int,
+def model_config(manifest: Manifest, mode: str, backend: str, max_batch_size: int,
                  queue_delay_us: int, name: str) -> str:
     """config.pbtxt of one mode: Triton's `ModelConfig` message (tritonclient's protobuf
     definitions) in protobuf text format."""
@@ -44,13 +43,13 @@ def model_config(manifest: Dict[str, Any], mode: str, backend: str, max_batch_si
     from tritonclient.grpc import model_config_pb2 as mc
 
     platform, fmt, _, _ = BACKENDS[backend]
-    spec = manifest["input"]
-    batched = "batch" in spec.get("dynamic", [])
+    spec = manifest.input
+    batched = "batch" in spec.dynamic
     skip = 1 if batched else 0  # with max_batch_size > 0, Triton's dims leave the batch out
-    outputs = manifest["modes"][mode]["outputs"]
+    outputs = manifest.modes[mode].outputs
     config = mc.ModelConfig(name=name, platform=platform, max_batch_size=max_batch_size if batched else 0)
-    tensors = [(config.input, "INPUT__0" if backend == "pytorch" else spec["name"], input_dims(manifest))]
-    tensors += [(config.output, f"OUTPUT__{i}" if backend == "pytorch" else o["name"], free_dims(o["shape"]))
+    tensors = [(config.input, "INPUT__0" if backend == "pytorch" else spec.name, manifest.input_dims())]
+    tensors += [(config.output, f"OUTPUT__{i}" if backend == "pytorch" else o.name, free_dims(o.shape))
                 for i, o in enumerate(outputs)]
     for field, tensor_name, dims in tensors:
         tensor = field.add(name=tensor_name, data_type=mc.TYPE_FP32)
@@ -59,12 +58,12 @@ def model_config(manifest: Dict[str, Any], mode: str, backend: str, max_batch_si
         config.dynamic_batching.max_queue_delay_microseconds = queue_delay_us
     config.instance_group.add(count=1, kind=mc.ModelInstanceGroup.KIND_CPU)
     file = artifact_name(mode, fmt)
-    params = {"returnt": mode, "backbone": manifest["backbone"]["name"], "source_file": file,
-              "source_sha256": manifest["files"][file]["sha256"], "input_name": spec["name"],
-              "output_names": ",".join(o["name"] for o in outputs)}
+    params = {"returnt": mode, "backbone": manifest.backbone.name, "source_file": file,
+              "source_sha256": manifest.files[file].sha256, "input_name": spec.name,
+              "output_names": ",".join(o.name for o in outputs)}
     for key, value in params.items():
         config.parameters[key].string_value = value
-    return (f"# returnt-zoo: {manifest['backbone']['name']} returnt={mode!r} from {file}\n"
+    return (f"# returnt-zoo: {manifest.backbone.name} returnt={mode!r} from {file}\n"
             + text_format.MessageToString(config))
 
 
@@ -80,17 +79,17 @@ def check_repository(repo: Path) -> None:
                               "directory outside every export directory")
 
 
-def write_model(directory: Path, manifest: Dict[str, Any], repo: Path, mode: str, backend: str,
+def write_model(directory: Path, manifest: Manifest, repo: Path, mode: str, backend: str,
                 max_batch_size: int, queue_delay_us: int) -> Path:
     """REPO/<model>/ for one mode and backend, replaced whole; its files hash-checked copies."""
     _, fmt, filename, suffix = BACKENDS[backend]
-    name = f"{manifest['backbone']['name']}_{mode}{suffix}"
+    name = f"{manifest.backbone.name}_{mode}{suffix}"
     source = artifact_name(mode, fmt)
     with DirectoryTransaction(repo / name, marker=CONFIG) as tx:
         version = tx.staging / "1"
         version.mkdir()
         (version / filename).write_bytes(read_verified(directory, manifest, source))
-        if fmt == "onnx" and manifest.get("onnx_weights") == "shared":
+        if fmt == "onnx" and manifest.onnx_weights == "shared":
             (version / SHARED_WEIGHTS).write_bytes(read_verified(directory, manifest, SHARED_WEIGHTS))
         (tx.staging / CONFIG).write_text(model_config(manifest, mode, backend, max_batch_size,
                                                       queue_delay_us, name))
@@ -107,13 +106,13 @@ def write_repository(directories: Sequence[Path], repo: Path, backends: Sequence
     seen: Dict[str, Path] = {}
     for d in directories:
         manifest = read_manifest(d)
-        name = manifest["backbone"]["name"]
+        name = manifest.backbone.name
         if name in seen:  # model directories are named after the backbone: one would replace the other
             raise ExportError(f"{d} and {seen[name]} both hold backbone {name!r}; a repository holds it once")
         seen[name] = d
         for backend in backends:
             fmt = BACKENDS[backend][1]
-            modes = modes_with(manifest, fmt)
+            modes = manifest.modes_with(fmt)
             if not modes:
                 raise ExportError(f"{d} has no {fmt} files for the {backend} backend; export with "
                                   f"--formats {fmt} or leave {backend} out of --backends")

@@ -1,20 +1,20 @@
 """The flat parameter vector's layout (name, shape, offset, length per parameter, in eager
 `parameters()` order) and the checks every format's `set_params`/`params write` shares."""
 
-from typing import Any, Dict, List
+from typing import List
 
 import torch
 from torch import Tensor
 
 from export.errors import ParamsError
-from export.store.manifest import layout_problem
+from export.store.manifest import LayoutEntry, Manifest, layout_problem
 from zoo.base import check_flat_vector
 from zoo.heads import BACKBONE_PREFIX
 
 
 def check_params_vector(vector: Tensor, layout, allow_nonfinite: bool = False) -> None:
     """A 1-D float32 vector of the layout's length, finite unless `allow_nonfinite`."""
-    total = sum(e["length"] for e in layout)
+    total = sum(e.length for e in layout)
     try:
         check_flat_vector(vector, total, torch.float32, "set_params")
     except ValueError as exc:
@@ -25,22 +25,21 @@ def check_params_vector(vector: Tensor, layout, allow_nonfinite: bool = False) -
                           "(--allow-nonfinite) to write them anyway")
 
 
-def checked_layout(manifest: Dict[str, Any], where: object, onnx: bool = False) -> List[Dict[str, Any]]:
+def checked_layout(manifest: Manifest, where: object, onnx: bool = False) -> List[LayoutEntry]:
     """The manifest's flat-parameter layout, checked to tile the vector (and, with `onnx`, to
     name each parameter's ONNX initializer)."""
-    flat = manifest.get("flat_params", {})
-    layout = flat.get("layout")
+    layout = manifest.flat_params.layout
     if not layout:
         raise ParamsError(f"{where}: the manifest has no flat-parameter layout")
-    if onnx and any("onnx_name" not in e for e in layout):
+    if onnx and any(e.onnx_name is None for e in layout):
         raise ParamsError(f"{where}: the manifest has no ONNX parameter layout "
                           "(export with --formats including onnx)")
-    problem = layout_problem(layout, flat.get("count"))
+    problem = layout_problem(layout, manifest.flat_params.count)
     if problem:
         raise ParamsError(f"{where}: the manifest's parameter layout is inconsistent: {problem}")
     return layout
 
 
-def layout_names(entry: Dict[str, Any]) -> List[str]:
+def layout_names(entry: LayoutEntry) -> List[str]:
     """The names a layout entry's parameter has in torch.export programs and AOTInductor packages."""
-    return list(entry.get("program_names") or [BACKBONE_PREFIX + entry["name"]])
+    return list(entry.program_names or [BACKBONE_PREFIX + entry.name])

@@ -20,11 +20,11 @@ import threading
 from contextlib import contextmanager
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Dict, Iterator, Optional, Tuple, Type
+from typing import Iterator, Optional, Tuple, Type
 
 from export.errors import ExportError, LockedError
 from export.store.atomic import TMP_SUFFIX, _disk_full, _umask, check_writable_dir
-from export.store.manifest import MANIFEST, read_manifest, write_manifest
+from export.store.manifest import MANIFEST, Manifest, read_manifest, write_manifest
 
 log = logging.getLogger(__name__)
 
@@ -192,13 +192,13 @@ class DirectoryTransaction:
 
 
 @contextmanager
-def manifest_update(directory: Path) -> Iterator[Tuple[Path, Dict[str, Any]]]:
+def manifest_update(directory: Path) -> Iterator[Tuple[Path, Manifest]]:
     """Read-modify-commit of an export directory: yields (staging copy, its manifest); files
     written into the staging copy and the manifest as changed replace the directory in one step
     when the block ends without an error (quantize, accuracy, params)."""
     with DirectoryTransaction(Path(directory), keep_existing=True) as tx:
         manifest = read_manifest(tx.staging)
         yield tx.staging, manifest
-        manifest["files"] = dict(sorted(manifest["files"].items()))
+        manifest.files = dict(sorted(manifest.files.items()))
         write_manifest(tx.staging, manifest)
         tx.commit()

@@ -61,4 +61,4 @@ def format_accuracy(report: Dict[str, Any]) -> str:
 def record_accuracy(directory: Path, report: Dict[str, Any]) -> None:
     """Put the report into the manifest (under `accuracy`), atomically; no file changes."""
     with manifest_update(Path(directory)) as (_, manifest):
-        manifest["accuracy"] = report
+        manifest.accuracy = report

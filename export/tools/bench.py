@@ -30,7 +30,7 @@ from export.formats.torchscript import jit_deprecations_silenced, load_torchscri
 from export.pipeline.build import export_backbone
 from export.runtime import available_pairs, load
 from export.store.atomic import atomic_write_bytes
-from export.store.manifest import aoti_packages, artifact_name, read_manifest
+from export.store.manifest import artifact_name, read_manifest
 from export.tools.accuracy import format_accuracy, measure_accuracy
 from export.tools.quantize import builtin_calibration, quantize_directory
 from export.tools.tables import format_table
@@ -169,7 +169,7 @@ def build_runtimes(net: torch.nn.Module, directory: Path, shape: Sequence[int], 
 def _aoti_runtimes(directory: Path) -> Dict[str, Callable[[np.ndarray, torch.Tensor], Any]]:
     """'aoti' (the any-batch package) and 'aoti-per-batch' (the package compiled for each batch
     size), through the aoti engine."""
-    batches = set(aoti_packages(read_manifest(directory), "out"))
+    batches = set(read_manifest(directory).aoti_packages("out"))
     if not batches:
         return {}
     engine = load(directory, engine="aoti")
@@ -307,8 +307,8 @@ def run_benchmark(backbone: str, kwargs: Dict[str, Any], batches: Sequence[int],
             log(f"compiling AOTInductor packages (any batch, and batch {', '.join(map(str, batches))}) ...")
         result = export_backbone(net, tmp / "bench", modes=["out"], formats=formats,
                                  aoti_batches=[None, *batches])
-        compile_seconds = {name: info["seconds"] for name, info in result.manifest["programs"].items()
-                           if info["format"] == "aoti"}
+        compile_seconds = {name: info.seconds for name, info in result.manifest.programs.items()
+                           if info.format == "aoti"}
         runtimes = build_runtimes(net, result.directory, shape, threads, log)
         log("measuring the fp32 matmul peak ...")
         peak = matmul_peak(threads)
@@ -319,7 +319,7 @@ def run_benchmark(backbone: str, kwargs: Dict[str, Any], batches: Sequence[int],
     return {"backbone": backbone, "args": kwargs, "input_shape": list(shape), "cpu": cpu_name(),
             "stamp": stamp(), "threads": threads, "flops_per_image": flops, "matmul_peak_gflops": peak,
             "results": rows, "accuracy_digits": accuracy, "aoti_compile_seconds": compile_seconds,
-            "versions": result.manifest["versions"]}
+            "versions": result.manifest.versions}
 
 
 def format_report(report: Dict[str, Any]) -> str:

@@ -3,38 +3,36 @@
 and normalised as the model was trained."""
 
 from pathlib import Path
-from typing import Any, Dict, Optional, Sequence, Tuple
+from typing import Optional, Sequence, Tuple
 
 import numpy as np
 
 from export.errors import ExportError
 from export.pipeline.params import TENSOR_SUFFIXES, load_tensor
+from export.store.manifest import Manifest
 
 
-def check_inputs(x: np.ndarray, shape: Sequence[int], dynamic_hw: bool, source: str) -> np.ndarray:
+def check_inputs(x: np.ndarray, manifest: Manifest, source: str) -> np.ndarray:
     """[N, C, H, W] float inputs that fit the export (H, W free where the graphs allow)."""
-    want = "x".join(map(str, shape))
-    if x.ndim != len(shape) + 1 or len(x) == 0 or not np.issubdtype(x.dtype, np.floating):
-        raise ExportError(f"{source}: inputs of shape {list(x.shape)} and dtype {x.dtype} do not fit; "
-                          f"expected float [N, {want}] with N >= 1")
-    fixed = tuple(shape[:1]) if dynamic_hw else tuple(shape)
-    if tuple(x.shape[1:1 + len(fixed)]) != fixed:
-        raise ExportError(f"{source}: inputs of shape {list(x.shape)} do not fit; expected [N, {want}]"
-                          + (" (H, W free)" if dynamic_hw else ""))
+    if not np.issubdtype(x.dtype, np.floating):
+        raise ExportError(f"{source}: inputs of dtype {x.dtype}; expected floating point images")
+    problem = manifest.input_shape_problem(x.shape)
+    if problem:
+        raise ExportError(f"{source}: inputs of {problem}")
     return np.ascontiguousarray(x, dtype=np.float32)
 
 
-def normalisation(manifest: Dict[str, Any], mean: Optional[str], std: Optional[str]):
+def normalisation(manifest: Manifest, mean: Optional[str], std: Optional[str]):
     """(mean, std) to apply to [0, 1] images, or None when the graphs take [0, 1] images
     themselves (preprocessing baked in). From --mean/--std, else the manifest's preprocessing;
     neither is an error naming both ways."""
     from export.pipeline.preprocessing import resolve
 
-    channels = int(manifest["input"]["shape"][1])
+    channels = int(manifest.input.shape[1])
     given = resolve(channels, None, mean, std)
     if given is not None:
         return given.mean, given.std
-    prep = manifest.get("preprocessing") or {}
+    prep = manifest.preprocessing or {}
     if prep.get("baked"):
         return None
     if prep.get("mean"):
@@ -70,21 +68,20 @@ def load_image_folder(path: Path, shape: Sequence[int], norm, limit: Optional[in
     return x, y, folder.classes
 
 
-def load_inputs(source: Path, manifest: Dict[str, Any], mean: Optional[str] = None, std: Optional[str] = None,
+def load_inputs(source: Path, manifest: Manifest, mean: Optional[str] = None, std: Optional[str] = None,
                 limit: Optional[int] = None) -> Tuple[np.ndarray, Optional[np.ndarray], str]:
     """Inputs (and, for an image folder, labels) from a tensor file or an image folder, checked
     against the export's input; a description for the manifest."""
     source = Path(source)
-    shape = manifest["input"]["shape"][1:]
-    dynamic_hw = "height" in manifest["input"].get("dynamic", [])
+    shape = manifest.input.shape[1:]
     if source.is_dir():
         x, y, classes = load_image_folder(source, shape, normalisation(manifest, mean, std), limit)
-        return check_inputs(x, shape, dynamic_hw, str(source)), y, f"images: {source.name} ({len(classes)} classes)"
+        return check_inputs(x, manifest, str(source)), y, f"images: {source.name} ({len(classes)} classes)"
     if source.suffix not in TENSOR_SUFFIXES:
         raise ExportError(f"{source}: expected an image folder or a tensor file "
                           f"({', '.join(TENSOR_SUFFIXES)})")
     x = load_tensor(source)
-    x = check_inputs(x, shape, dynamic_hw, str(source))
+    x = check_inputs(x, manifest, str(source))
     return (x if limit is None else x[:limit]), None, f"tensors: {source.name}"
 
 

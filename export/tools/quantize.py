@@ -17,7 +17,7 @@ import numpy as np
 
 from export.errors import ExportError
 from export.store.atomic import atomic_path
-from export.store.manifest import artifact_name, check_files, file_entry, modes_with
+from export.store.manifest import artifact_name, check_files, file_entry
 from export.store.transaction import manifest_update
 
 
@@ -76,14 +76,13 @@ def quantize_directory(directory: Path, calibration: Union[np.ndarray, str, Path
         raise ExportError(CALIBRATION_HELP)
     directory = Path(directory)
     with manifest_update(directory) as (staging, manifest):
-        shape = manifest["input"]["shape"][1:]
-        dynamic_hw = "height" in manifest["input"].get("dynamic", [])
+        shape = manifest.input.shape[1:]
         if isinstance(calibration, str) and calibration == "random":
             calibration, source = builtin_calibration(shape, samples), "random: seeded N(0,1) inputs"
         elif isinstance(calibration, (str, Path)):
             calibration, _, source = load_inputs(Path(calibration), manifest, mean, std, samples)
         else:
-            calibration, source = check_inputs(np.asarray(calibration), shape, dynamic_hw, "calibration"), "arrays"
+            calibration, source = check_inputs(np.asarray(calibration), manifest, "calibration"), "arrays"
         calibration = calibration[:samples]
         if tuple(calibration.shape[1:]) != tuple(shape):
             # int8 ranges measured at another image size do not describe the export's activations
@@ -91,9 +90,9 @@ def quantize_directory(directory: Path, calibration: Union[np.ndarray, str, Path
             raise ExportError(f"calibration inputs of shape {list(calibration.shape)} are {got} images; "
                               f"calibrate at the export's input size {want} ([N, {'x'.join(map(str, shape))}]: "
                               "resize them, or give an image folder, which is resized)")
-        modes = modes or modes_with(manifest, "onnx")
+        modes = modes or manifest.modes_with("onnx")
         check_files(staging, manifest, [artifact_name(m, "onnx") for m in modes])
-        section = manifest.setdefault("quantized", {})
+        section = manifest.quantized
         for mode in modes:
             src, dst = staging / artifact_name(mode, "onnx"), staging / artifact_name(mode, "int8")
             t = time.perf_counter()
@@ -111,5 +110,5 @@ def quantize_directory(directory: Path, calibration: Union[np.ndarray, str, Path
                                     for o, a, b in zip(fp32_session.get_outputs(), int8, fp32)},
                 "seconds": round(seconds, 3),
             }
-            manifest["files"][dst.name] = file_entry(dst)
+            manifest.files[dst.name] = file_entry(dst)
     return section
