@@ -96,6 +96,19 @@ def assert_within_bound(got, want) -> None:
                          f"beyond the bound; {stats.get('error', '')}")
 
 
+def assert_runtime_matches_eager(runtime, net, x, modes) -> None:
+    """`runtime(x, returnt=mode)` returns what eager returns, for every mode: the same structure
+    (a tensor, a tuple, a list), torch tensors for torch input, each output within the bound."""
+    for mode in modes:
+        with torch.no_grad():
+            want = net(x, returnt=mode)
+        got = runtime(x, returnt=mode)
+        assert type(got) is type(want), (mode, type(got))
+        assert all(isinstance(t, torch.Tensor) for t in flat_outputs(got))
+        for g, w in zip(flat_outputs(got), flat_outputs(want)):
+            assert_within_bound(g.numpy(), w.numpy())
+
+
 def export_dir_snapshot(directory: Path) -> Dict[str, bytes]:
     """Every file under an export directory (recursively) with its bytes."""
     return {str(p.relative_to(directory)): p.read_bytes() for p in sorted(Path(directory).rglob("*")) if p.is_file()}

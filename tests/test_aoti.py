@@ -21,7 +21,7 @@ from export.cli import main
 from export.errors import ExportError, IntegrityError, ParamsError
 from export.pipeline.build import export_backbone
 from export.runtime import load
-from tests.conftest import REPO, assert_within_bound, build_small, flat_outputs
+from tests.conftest import REPO, assert_runtime_matches_eager, assert_within_bound, build_small, flat_outputs
 from zoo import RETURNT_MODES
 
 pytestmark = pytest.mark.xdist_group("aoti")
@@ -78,13 +78,7 @@ def test_aoti_engine_matches_eager_and_takes_new_weights(name, aoti_export):
     assert torch.equal(runtime.get_params(), net.get_params())
     for batch in (1, 5, 40):  # 40: above the wrong bound torch 2.14's input check would apply
         x = torch.randn(batch, *runtime.input_shape, generator=torch.Generator().manual_seed(batch))
-        for mode in MODES[name]:
-            with torch.no_grad():
-                want = net(x, returnt=mode)
-            got = runtime(x, returnt=mode)
-            assert type(got) is type(want)
-            for g, w in zip(flat_outputs(got), flat_outputs(want)):
-                assert_within_bound(g.numpy(), w.numpy())
+        assert_runtime_matches_eager(runtime, net, x, MODES[name])
     # new weights through load_constants, no recompiling; BatchNorm's folded constants follow
     v = net.get_params()
     new = v * (1 + 0.05 * torch.randn(v.shape, generator=torch.Generator().manual_seed(9)))

@@ -12,7 +12,7 @@ import torch
 from export.cli import main
 from export.errors import ExportError, IntegrityError, ManifestError, ParamsError
 from export.runtime import load
-from tests.conftest import assert_within_bound, backbone_params, flat_outputs
+from tests.conftest import assert_runtime_matches_eager, assert_within_bound, backbone_params, flat_outputs
 
 BACKBONES = backbone_params()
 #: the engines whose files every default export has
@@ -28,14 +28,7 @@ def test_every_engine_matches_eager(name, engine, export):
     x = torch.randn(3, *runtime.input_shape, generator=torch.Generator().manual_seed(5))
     # every mode's file is compared with eager in test_export; here the engine's API on two
     # (each torch.export program costs 0.5-2 s to load)
-    for mode in ("both", "full"):
-        with torch.no_grad():
-            want = net(x, returnt=mode)
-        got = runtime(x, returnt=mode)
-        assert type(got) is type(want), (mode, type(got))
-        assert all(isinstance(t, torch.Tensor) for t in flat_outputs(got))
-        for g, w in zip(flat_outputs(got), flat_outputs(want)):
-            assert_within_bound(g.numpy(), w.numpy())
+    assert_runtime_matches_eager(runtime, net, x, ("both", "full"))
     got_np = runtime(x[:1].numpy(), returnt="full")
     assert all(isinstance(t, np.ndarray) for t in got_np)
     assert torch.equal(runtime.get_params(), net.get_params())

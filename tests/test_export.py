@@ -121,21 +121,21 @@ def test_onnx_graph_is_inference_only(name, export):
         assert len(model.graph.initializer) > 0
 
 
-@pytest.mark.parametrize("name", BACKBONES)
-def test_one_changed_weight_fails_verification(name, export, tmp_path):
-    """Verification can fail: the export's own check rejects a graph with one weight changed."""
-    from onnx import numpy_helper
-
+def _verifier_of_full(net, manifest, fmt: str):
+    """`path -> whether the export's own verification passes` for a 'full' file of `fmt`."""
     from export.pipeline.verify import eager_outputs, verify_file
     from export.store.tolerance import sample_inputs
 
-    net, result = export
-    manifest = result.manifest
-    names = [o.name for o in manifest.modes["full"].outputs]
+    names = manifest.output_names("full")
     inputs = sample_inputs(manifest.input.shape[1:])
     expected = eager_outputs(net, "full", inputs, "cpu")
-    source = result.directory / "full.onnx"
-    assert all(s["ok"] for s in verify_file("onnx", source, names, inputs, expected, "cpu").values())
+    return lambda path: all(s["ok"] for s in verify_file(fmt, path, names, inputs, expected, "cpu").values())
+
+
+def _tamper_onnx(source, manifest, tmp_path):
+    """A copy of the ONNX file with one initializer its graph reads changed."""
+    from onnx import numpy_helper
+
     model = onnx.load(str(source))
     consumed = {i for node in model.graph.node for i in node.input}
     entry = next(e for e in manifest.flat_params.layout if e.onnx_name in consumed)
@@ -143,27 +143,15 @@ def test_one_changed_weight_fails_verification(name, export, tmp_path):
     values = numpy_helper.to_array(init).copy()
     values.flat[0] += max(0.1, float(np.abs(values).max()))
     init.CopyFrom(numpy_helper.from_array(values, init.name))
-    tampered = tmp_path / "full.onnx"
-    onnx.save(model, str(tampered))
-    stats = verify_file("onnx", tampered, names, inputs, expected, "cpu")
-    assert not all(s["ok"] for s in stats.values()), f"{entry.name} changed, yet verified: {stats}"
+    onnx.save(model, str(tmp_path / source.name))
+    return tmp_path / source.name, entry.name
 
 
-@pytest.mark.parametrize("name", BACKBONES)
-def test_one_changed_weight_fails_program_verification(name, export, tmp_path):
-    """The same for a torch.export program: one parameter its graph reads, changed."""
+def _tamper_program(source, manifest, tmp_path):
+    """A copy of the program with one parameter its graph reads changed (every alias of it)."""
     from export.formats.base import used_parameters
     from export.formats.program import program_bytes
-    from export.pipeline.verify import eager_outputs, verify_file
-    from export.store.tolerance import sample_inputs
 
-    net, result = export
-    manifest = result.manifest
-    names = [o.name for o in manifest.modes["full"].outputs]
-    inputs = sample_inputs(manifest.input.shape[1:])
-    expected = eager_outputs(net, "full", inputs, "cpu")
-    source = result.directory / "full.ep.pt2"
-    assert all(s["ok"] for s in verify_file("exported", source, names, inputs, expected, "cpu").values())
     program = cached_program(source)
     used = used_parameters(program)
     entry = next(e for e in manifest.flat_params.layout if set(e.program_names) & used)
@@ -171,10 +159,21 @@ def test_one_changed_weight_fails_program_verification(name, export, tmp_path):
         for alias in set(entry.program_names) & used:
             t = program.state_dict[alias]
             t.view(-1)[0] += max(0.1, float(t.abs().max()))
-    tampered = tmp_path / "full.ep.pt2"
-    tampered.write_bytes(program_bytes(program))
-    stats = verify_file("exported", tampered, names, inputs, expected, "cpu")
-    assert not all(s["ok"] for s in stats.values()), f"{entry.name} changed, yet verified: {stats}"
+    (tmp_path / source.name).write_bytes(program_bytes(program))
+    return tmp_path / source.name, entry.name
+
+
+@pytest.mark.parametrize("fmt, tamper", [("onnx", _tamper_onnx), ("exported", _tamper_program)],
+                         ids=["onnx", "exported"])
+@pytest.mark.parametrize("name", BACKBONES)
+def test_one_changed_weight_fails_verification(name, fmt, tamper, export, tmp_path):
+    """Verification can fail: the export's own check rejects a file with one weight changed."""
+    net, result = export
+    source = result.directory / artifact_name("full", fmt)
+    verify = _verifier_of_full(net, result.manifest, fmt)
+    assert verify(source)
+    tampered, changed = tamper(source, result.manifest, tmp_path)
+    assert not verify(tampered), f"{changed} changed, yet verified"
 
 
 @pytest.mark.parametrize("name", BACKBONES)

@@ -12,7 +12,7 @@ import torch
 from export.cli import main
 from export.errors import ExportError, ManifestError, ParamsError
 from export.runtime import load
-from tests.conftest import assert_within_bound, backbone_params, flat_outputs
+from tests.conftest import assert_runtime_matches_eager, backbone_params, flat_outputs
 from zoo import RETURNT_MODES
 
 BACKBONES = backbone_params()
@@ -26,13 +26,7 @@ def test_openvino_fp32_matches_eager(name, export):
     runtime = load(result.directory, engine="openvino", precision="fp32", threads=1)
     assert runtime.config["INFERENCE_PRECISION_HINT"] == "f32"
     x = torch.randn(3, *runtime.input_shape, generator=torch.Generator().manual_seed(12))
-    for mode in RETURNT_MODES:
-        with torch.no_grad():
-            want = net(x, returnt=mode)
-        got = runtime(x, returnt=mode)
-        assert type(got) is type(want)
-        for g, w in zip(flat_outputs(got), flat_outputs(want)):
-            assert_within_bound(g.numpy(), w.numpy())
+    assert_runtime_matches_eager(runtime, net, x, RETURNT_MODES)
 
 
 #: bf16's bound per output: |bf16 - eager| <= BF16_BOUND * max|eager|. bf16 keeps 8 mantissa

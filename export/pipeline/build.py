@@ -202,8 +202,8 @@ def export_backbone(
             `weights.onnx.data` that every mode's graph refers to). Models of 2 GiB of weights or
             more are always exported shared: a self-contained ONNX file cannot hold them.
         aoti_batches: the AOTInductor packages per mode (with "aoti" in `formats`): None for
-            `<mode>.aoti.pt2` (any batch size), N for `<mode>.aoti.b<N>.pt2` (batch N only,
-            compiled for it: faster at small batches).
+            `<mode>.aoti.pt2` (any batch size), N for `<mode>.aoti.b<N>.pt2` (batch N only;
+            measured on CIFAR ResNet-18 no faster than the any-batch package, docs/benchmarks.md).
     Returns:
         An ExportResult; `ok` is False (and nothing was replaced) if any artifact failed.
     """

@@ -80,16 +80,24 @@ class TorchBackbone(RuntimeBackbone):
         raise NotImplementedError
 
 
-class TorchScriptBackbone(TorchBackbone):
-    """`torch.jit.load` of `<mode>.pt`; flat parameters through the files' own methods."""
+class _OneFilePerMode(TorchBackbone):
+    """An engine that runs one file of format `engine` per mode (`<mode><suffix>`)."""
 
-    engine = "torchscript"
+    #: what the files are called in errors
+    what = ""
 
     def __init__(self, directory, threads=None, device="cpu", verify_hashes=True) -> None:
         super().__init__(directory, threads, device, verify_hashes)
-        self._require(self.manifest.modes_with("torchscript"),
-                      "TorchScript file", "export with --formats including torchscript")
-        self._check_files([artifact_name(m, "torchscript") for m in self.modes])
+        self._require(self.manifest.modes_with(self.engine), self.what,
+                      f"export with --formats including {self.engine}")
+        self._check_files([artifact_name(m, self.engine) for m in self.modes])
+
+
+class TorchScriptBackbone(_OneFilePerMode):
+    """`torch.jit.load` of `<mode>.pt`; flat parameters through the files' own methods."""
+
+    engine = "torchscript"
+    what = "TorchScript file"
 
     def _module(self, mode: str):
         def make():
@@ -109,16 +117,11 @@ class TorchScriptBackbone(TorchBackbone):
         return self._module(self.modes[0]).get_params().cpu()
 
 
-class ExportedBackbone(TorchBackbone):
+class ExportedBackbone(_OneFilePerMode):
     """`torch.export.load(<mode>.ep.pt2).module()`; flat parameters in the program's state."""
 
     engine = "exported"
-
-    def __init__(self, directory, threads=None, device="cpu", verify_hashes=True) -> None:
-        super().__init__(directory, threads, device, verify_hashes)
-        self._require(self.manifest.modes_with("exported"),
-                      "torch.export program", "export with --formats including exported")
-        self._check_files([artifact_name(m, "exported") for m in self.modes])
+    what = "torch.export program"
 
     def _program(self, mode: str):
         # [program, its module() once called]: parameters are set in the program's state

@@ -239,8 +239,8 @@ def plot(report: Dict[str, Any], path: Path) -> None:
     ax.set_xticks(range(len(batches)), [f"batch {b}" for b in batches])
     ax.set_yscale("log")
     ax.set_ylabel("images / s (median over rounds)")
-    ax.set_title(f"{report['backbone']} {report['args']}, {report['threads']} threads "
-                 f"({report['cpu']})")
+    ax.set_title(f"{report['backbone']} {report['args']}, {report['threads']} threads, {report['cpu']}\n"
+                 f"{report['stamp']['date']}, commit {report['stamp']['commit']}", fontsize=9)
     ax.legend(ncol=3, fontsize=8)
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
