@@ -180,6 +180,12 @@ def test_params_cli(name, export, tmp_path, capsys):
     assert main(["params", "write", str(src), str(tmp_path / "half.pt"), "--out", str(tmp_path / "h.onnx"),
                  "--manifest", str(result.directory / "manifest.json")]) == 0
     assert torch.equal(read_onnx_params(tmp_path / "h.onnx", result.manifest), net.get_params() * 0.5)
+    # TorchScript files too: read, and write a copy holding the new vector
+    assert main(["params", "read", str(result.directory / "out.pt"), "--out", str(tmp_path / "ts.npy")]) == 0
+    assert np.array_equal(np.load(tmp_path / "ts.npy"), net.get_params().numpy())
+    assert main(["params", "write", str(result.directory / "out.pt"), str(tmp_path / "half.pt"),
+                 "--out", str(tmp_path / "half-out.pt")]) == 0
+    assert torch.equal(load_torchscript(tmp_path / "half-out.pt").get_params(), net.get_params() * 0.5)
     (tmp_path / "v.txt").write_text("1 2 3")
     assert main(["params", "read", str(tmp_path / "v.txt")]) == 2
     assert "not an exported file; expected a name ending in .pt, .onnx, .ep.pt2, .aoti.pt2" in capsys.readouterr().err

@@ -18,19 +18,19 @@ from export.store.manifest import read_manifest, refuse_export_file
 def run_params(argv: Sequence[str]) -> int:
     parser = argparse.ArgumentParser(prog="python -m export params",
                                      description="Read or write the flat parameter vector "
-                                     "(eager get_params() order) of an exported file: ONNX "
-                                     "(.onnx), torch.export program (.ep.pt2), AOTInductor package "
-                                     "(.aoti.pt2: read only; its weights are replaced at load time).")
+                                     "(eager get_params() order) of an exported file: TorchScript "
+                                     "(.pt), ONNX (.onnx), torch.export program (.ep.pt2), AOTInductor "
+                                     "package (.aoti.pt2: read only; its weights are replaced at load time).")
     sub = parser.add_subparsers(dest="action", required=True)
     p_read = sub.add_parser("read", help="print the vector's size; save it with --out (.pt/.npy)")
-    p_read.add_argument("onnx", type=Path, metavar="FILE", help=".onnx, .ep.pt2 or .aoti.pt2")
+    p_read.add_argument("onnx", type=Path, metavar="FILE", help=".pt, .onnx, .ep.pt2 or .aoti.pt2")
     p_read.add_argument("--out", type=Path)
     p_read.add_argument("--manifest", type=Path, help="manifest.json (default: beside the file)")
-    p_write = sub.add_parser("write", help="write a vector (.pt/.npy) into a copy of an .onnx or "
+    p_write = sub.add_parser("write", help="write a vector (.pt/.npy) into a copy of a .pt, .onnx or "
                              ".ep.pt2 file, or (given an export directory with shared weights) into "
                              "the directory")
     p_write.add_argument("onnx", type=Path, metavar="FILE",
-                         help="an .onnx or .ep.pt2 file, or an export directory exported with "
+                         help="a .pt, .onnx or .ep.pt2 file, or an export directory exported with "
                          "--onnx-weights shared (rewritten in place, every mode and format at once)")
     p_write.add_argument("vector", type=Path)
     p_write.add_argument("--out", type=Path, help="the new file (required for a file)")
