@@ -26,8 +26,6 @@ ARTIFACT_SUFFIX = {"torchscript": ".pt", "onnx": ".onnx", "int8": ".int8.onnx", 
                    "aoti": ".aoti.pt2"}
 #: the float32 formats, in the order every listing uses
 FLOAT_FORMATS = ("torchscript", "onnx", "exported", "aoti")
-#: the returnt modes in their canonical order (zoo.base.RETURNT_MODES, without importing torch)
-_MODE_ORDER = ("out", "features", "both", "full")
 
 
 def artifact_name(mode: str, kind: str) -> str:
@@ -159,8 +157,10 @@ class Manifest(_Entry):
     def mode_files(self, fmt: str) -> Dict[str, str]:
         """mode -> file name of every listed file of format `fmt` (torchscript, onnx, int8,
         exported; for aoti: the any-batch package, else the first per-batch one)."""
+        from zoo.base import RETURNT_MODES  # loads torch: not at import time
+
         found = {}
-        for mode in [m for m in _MODE_ORDER if m in self.modes]:
+        for mode in [m for m in RETURNT_MODES if m in self.modes]:
             if fmt == "aoti":
                 packages = self.aoti_packages(mode)
                 name = packages.get(None) or next(iter(packages.values()), None)
