@@ -17,7 +17,7 @@ from typing import Sequence
 from export.cli.options import check_option
 from export.errors import ExportError
 from export.runtime.base import ENGINES, check_engine
-from export.serving.config import check_directories, serve_config
+from export.serving.config import check_directories, config_yaml, serve_config
 
 
 def serve_parser() -> argparse.ArgumentParser:
@@ -99,9 +99,7 @@ def run_serve(argv: Sequence[str]) -> int:
     models = check_directories(ns.directories, ns.engine, ns.precision)
     config = serve_config(ns, models)
     if ns.print_config:
-        import yaml
-
-        sys.stdout.write(yaml.safe_dump(config, sort_keys=False))
+        sys.stdout.write(config_yaml(config))
         return 0
     if ns.address is None:
         _check_port(ns.host, ns.port)

@@ -42,3 +42,10 @@ def serve_config(ns: argparse.Namespace, models: Dict[str, Path]) -> Dict[str, A
                  "args": router_args(ns, list(models.values()))})
     return {"proxy_location": "EveryNode", "http_options": {"host": ns.host, "port": ns.port},
             "applications": apps}
+
+
+def config_yaml(config: Dict[str, Any]) -> str:
+    """The Serve config as the YAML file `serve deploy` reads (pyyaml, the serve extra's)."""
+    import yaml
+
+    return yaml.safe_dump(config, sort_keys=False)
