@@ -117,7 +117,8 @@ def _keep_parameters_as_is(param_names: set):
     return should_fold
 
 
-def _keep_all_parameters(model: ir.Model, net: MammothBackbone, prefix: str) -> Dict[str, str]:
+def _keep_all_parameters(model: ir.Model, net: MammothBackbone, prefix: str,
+                         aliases_of: Dict[str, List[str]]) -> Dict[str, str]:
     """Map every parameter to its initializer; add the ones the graph does not use (resnet32's
     `bn_final`, a head's unused classifier) so the file holds the whole flat vector."""
     import onnx_ir as ir
@@ -125,7 +126,7 @@ def _keep_all_parameters(model: ir.Model, net: MammothBackbone, prefix: str) -> 
     inits = model.graph.initializers
     mapping: Dict[str, str] = {}
     params = dict(net.named_parameters())
-    for name, aliases in parameter_aliases(net, prefix).items():
+    for name, aliases in aliases_of.items():
         found = next((a for a in aliases if a in inits), None)
         if found is None:
             found = prefix + name
@@ -168,7 +169,8 @@ def export_onnx(net: MammothBackbone, program: torch.export.ExportedProgram, ops
         )
     model = onnx_program.model
     prefix = BACKBONE_PREFIX
-    param_names = {a for aliases in parameter_aliases(net, prefix).values() for a in aliases}
+    aliases_of = parameter_aliases(net, prefix)  # computed once: the fold rule and the mapping use it
+    param_names = {a for aliases in aliases_of.values() for a in aliases}
     consumed = _consumed(model) & param_names
     optimizer.fold_constants(model, should_fold=_keep_parameters_as_is(param_names))
     optimizer.remove_unused_nodes(model)
@@ -178,7 +180,7 @@ def export_onnx(net: MammothBackbone, program: torch.export.ExportedProgram, ops
     for node in model.graph:  # stack traces name the build machine's source paths
         node.metadata_props.pop("pkg.torch.onnx.stack_trace", None)
     _rename_outputs(model.graph, full_names)
-    mapping = _keep_all_parameters(model, net, prefix)
+    mapping = _keep_all_parameters(model, net, prefix, aliases_of)
     if weights_dir is not None:
         _share_parameters(model, [mapping[n] for n, _ in net.named_parameters()], Path(weights_dir))
     full_proto = ir.serde.serialize_model(model)
