@@ -1,21 +1,40 @@
 """The Open Inference Protocol without a server: the same tensor as JSON (flat or nested) and
-as binary parses to the same array, the mode follows the outputs asked for, responses decode."""
+as binary parses to the same array, the mode follows the outputs asked for, responses decode.
+Requests are made and answers read by tritonclient's code, not by the server's."""
 
 import json
 
 import numpy as np
 import pytest
+import tritonclient.http as th
 
 from export.serving.oip import (
-    HEADER_LENGTH,
+    MAX_JSON_DEPTH,
     ModelSpec,
     RequestError,
-    decode_infer_response,
-    encode_infer_request,
     encode_infer_response,
+    json_depth,
     parse_infer_request,
 )
 from export.store.manifest import parse_manifest
+
+HEADER_LENGTH = "Inference-Header-Content-Length"
+
+
+def encode_infer_request(name, x, outputs=(), returnt=None, binary=True):
+    """(body, headers) as tritonclient.http sends them."""
+    inp = th.InferInput(name, list(x.shape), "FP32")
+    inp.set_data_from_numpy(x, binary_data=binary)
+    outs = [th.InferRequestedOutput(n, binary_data=binary) for n in outputs]
+    body, json_size = th.InferenceServerClient.generate_request_body(
+        [inp], outputs=outs or None, parameters={"returnt": returnt} if returnt else None)
+    return body, ({HEADER_LENGTH: str(json_size)} if json_size else {})
+
+
+def decode_infer_response(body, header_length=None):
+    result = th.InferenceServerClient.parse_response_body(body, header_length=int(header_length)
+                                                          if header_length else None)
+    return {o["name"]: result.as_numpy(o["name"]) for o in result.get_response()["outputs"]}
 
 
 def spec(modes=("out", "features", "both", "full"), dynamic=("batch",)) -> ModelSpec:
@@ -92,3 +111,41 @@ def test_response_round_trip(binary):
     assert list(got) == ["logits", "stage_0"]  # the order asked for, and only those
     for name, arr in got.items():
         np.testing.assert_array_equal(arr, results[name])
+
+
+def _json_request(**tensor_overrides) -> dict:
+    tensor = {"name": "x", "datatype": "FP32", "shape": list(X.shape), "data": X.ravel().tolist()}
+    tensor.update(tensor_overrides)
+    return {"inputs": [tensor]}
+
+
+@pytest.mark.parametrize("body, fragment", [
+    ({**_json_request(), "outputs": [{"name": [1]}]}, "outputs.0.name: Input should be a valid string"),
+    ({**_json_request(), "id": {"a": 1}}, "id: Input should be a valid string"),
+    (_json_request(data=[[v] for v in X.ravel().tolist()]), "data is nested as [256, 1]"),
+    (_json_request(data=X.tolist()[0]), "data is nested as [2, 8, 8]"),
+    (_json_request(data=[[1.0, 2.0], [3.0]]), "not a flat list or a nesting of shape"),
+    (_json_request(data=[True] * X.size), "not a (nested) list of numbers"),
+    (_json_request(shape=[2, 2, 8, "8"]), "inputs.0.shape.3: Input should be a valid integer"),
+    (_json_request(shap=[1]), "inputs.0.shap: Extra inputs are not permitted"),
+    ({**_json_request(), "parameters": {"returnt": 3}}, "parameters.returnt: Input should be a valid string"),
+    ({**_json_request(), "parameters": []}, "parameters: Input should be a valid dictionary"),
+    ({"inputs": []}, "inputs has 0 tensors"),
+    ({**_json_request(), "outputs": [{"name": "logits"}, {"name": "logits"}]}, "asked for twice"),
+])
+def test_request_models_refuse_in_one_line(body, fragment):
+    with pytest.raises(RequestError) as err:
+        parse_infer_request(spec(), json.dumps(body).encode())
+    assert fragment in str(err.value) and "\n" not in str(err.value)
+
+
+def test_deep_nesting_is_refused_before_parsing():
+    body = b'{"inputs": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+    with pytest.raises(RequestError, match=f"nests 100001 levels deep; at most {MAX_JSON_DEPTH}"):
+        parse_infer_request(spec(), body)
+
+
+def test_json_depth_ignores_brackets_in_strings():
+    assert json_depth(b'{"id": "[[[[{{", "a": [[1], [2]]}') == 3
+    assert json_depth(rb'["a\\", [1]]') == 2  # a string ending in an escaped backslash
+    assert json_depth(rb'["a\"[[[", [1]]') == 2 and json_depth(b"7") == 0

@@ -58,6 +58,7 @@ class Server:
     ray_address: str
     proc: subprocess.Popen
     lines: list
+    grpc: str = ""
 
 
 def _reader(proc: subprocess.Popen, lines: list, q: "queue.Queue[str]") -> None:
@@ -84,7 +85,8 @@ def start_server(dirs, *args, timeout_s: float = 150.0) -> Server:
             continue
         if "Ctrl-C stops" in line:
             address = line.split(", ray ")[1].split(")")[0].split(",")[0]
-            return Server(f"http://127.0.0.1:{port}", f"127.0.0.1:{port}", address, proc, lines)
+            grpc = line.split(" and grpc ")[1].split(" ")[0] if " and grpc " in line else ""
+            return Server(f"http://127.0.0.1:{port}", f"127.0.0.1:{port}", address, proc, lines, grpc)
     stop_server(proc)
     raise AssertionError("server did not start:\n" + "".join(lines[-40:]))
 
@@ -103,10 +105,16 @@ def stop_server(proc: subprocess.Popen) -> None:
     proc.wait(timeout=30)
 
 
+#: the test server's --max-request-mb: room for batch 32 at 3x224x224 as JSON
+LIMIT_MB = 40
+LIMIT = LIMIT_MB << 20
+
+
 @pytest.fixture(scope="module")
 def server(models):
     srv = start_server([d for _, d in models.values()], "--replicas", "2", "--threads", "1",
-                       "--max-request-mb", "1", "--request-timeout-s", str(TIMEOUT_S))
+                       "--max-request-mb", str(LIMIT_MB), "--request-timeout-s", str(TIMEOUT_S),
+                       "--grpc-port", str(free_port()))
     yield srv
     stop_server(srv.proc)
     assert "stopped" in "".join(srv.lines[-20:]), "".join(srv.lines[-20:])
@@ -204,8 +212,8 @@ def _infer_body(shape=(1, 1, 28, 28), **overrides) -> dict:
 INFER = "/v2/models/mnistmlp/infer"
 BAD_REQUESTS = [
     ("unknown model", "POST", "/v2/models/mnistmpl/infer", _infer_body(),
-     "unknown model 'mnistmpl'; did you mean mnistmlp"),
-    ("unknown version", "POST", "/v2/models/mnistmlp/versions/7/infer", _infer_body(), "no version '7'"),
+     "unknown model 'mnistmpl'; did you mean mnistmlp", 404),
+    ("unknown version", "POST", "/v2/models/mnistmlp/versions/7/infer", _infer_body(), "no version '7'", 404),
     ("wrong shape", "POST", INFER, _infer_body((1, 1, 28, 27)), "expected [batch, 1, 28, 28]"),
     ("wrong rank", "POST", INFER, _infer_body((1, 784)), "expected rank 4"),
     ("zero batch", "POST", INFER, _infer_body((0, 1, 28, 28)), "batch >= 1"),
@@ -222,19 +230,25 @@ BAD_REQUESTS = [
      {**_infer_body(), "parameters": {"returnt": "out"}, "outputs": [{"name": "stage_0"}]}, "has no output 'stage_0'"),
     ("malformed JSON", "POST", INFER, b'{"inputs": [', "not valid JSON"),
     ("JSON list", "POST", INFER, b"[1, 2]", "JSON list; expected an object"),
-    ("no inputs", "POST", INFER, {"outputs": []}, "inputs must be a list of one tensor"),
-    ("over the size limit", "POST", INFER, b"{" + b" " * (1 << 20) + b"}", "over the limit of 1048576"),
+    ("no inputs", "POST", INFER, {"outputs": []}, "inputs: Field required"),
+    ("over the size limit", "POST", INFER, b"{" + b" " * LIMIT + b"}", f"over the limit of {LIMIT}", 413),
+    ("output name not a string", "POST", INFER, {**_infer_body(), "outputs": [{"name": [1]}]},
+     "outputs.0.name: Input should be a valid string"),
+    ("nested 100k levels deep", "POST", INFER, b'{"inputs": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",
+     "nests 100001 levels deep"),
+    ("data nested as 784 x [1]", "POST", INFER, _infer_body(data=[[0.5]] * 784), "data is nested as [784, 1]"),
+    ("id not a string", "POST", INFER, {**_infer_body(), "id": {"a": 1}}, "id: Input should be a valid string"),
 ]
 
 
 @pytest.mark.parametrize("case", BAD_REQUESTS, ids=[c[0] for c in BAD_REQUESTS])
-def test_bad_request_gets_one_line_400_and_the_server_keeps_serving(server, case):
+def test_bad_request_gets_one_line_4xx_and_the_server_keeps_serving(server, case):
     import httpx
 
-    _, method, path, body, fragment = case
+    _, method, path, body, fragment, *status = case
     content = body if isinstance(body, bytes) else json.dumps(body).encode()
     resp = httpx.request(method, server.url + path, content=content, timeout=TIMEOUT_S)
-    assert resp.status_code == 400, resp.text
+    assert resp.status_code == (status[0] if status else 400), resp.text
     assert "\n" not in resp.text.strip() and fragment in resp.json()["error"], resp.text
     ok = httpx.post(f"{server.url}/v2/models/mnistmlp/infer", json=_infer_body(), timeout=TIMEOUT_S)
     assert ok.status_code == 200, ok.text
@@ -268,7 +282,7 @@ def test_concurrent_requests_of_different_sizes_and_modes_are_batched_back_corre
     mode) and every request gets its own rows back."""
     import httpx
 
-    from export.serving.oip import HEADER_LENGTH, decode_infer_response, encode_infer_request
+    from tests.test_oip import HEADER_LENGTH, decode_infer_response, encode_infer_request
 
     net, _ = models["resnet18"]
     cases = [(_x(net.input_shape, 1 + i % 3, seed=100 + i), RETURNT_MODES[i % 4]) for i in range(24)]
@@ -436,3 +450,190 @@ def test_the_batch_function_splits_mixed_requests_back(models):
         for g, w in zip(got, want):
             np.testing.assert_array_equal(g.shape, w.shape)
             assert_within_bound(g, w)
+
+
+def _post_binary(server, model: str, x: np.ndarray, outputs, timeout: float = 120.0):
+    """tritonclient.http's request and parser (binary tensors both ways)."""
+    import tritonclient.http as th
+
+    client = th.InferenceServerClient(server.host_port, network_timeout=timeout, connection_timeout=timeout)
+    inp = th.InferInput("x", list(x.shape), "FP32")
+    inp.set_data_from_numpy(x)
+    return client.infer(model, [inp], outputs=[th.InferRequestedOutput(n) for n in outputs])
+
+
+@pytest.mark.parametrize("batch", [8, 32])
+@pytest.mark.parametrize("tensors", ["binary", "json"])
+def test_imagenet_size_requests_pass_every_hop(server, models, batch, tensors):
+    """3x224x224 at batch 8 (4.8 MB binary) and 32 (19 MB binary, ~30 MB JSON) through the
+    proxy, the ingress and the replica; over 4 MB these failed with 500 before."""
+    import httpx
+
+    net, _ = models["resnet18"]
+    # values with two decimals keep the JSON body compact (their float64 repr is short)
+    x64 = np.round(_x((3, 224, 224), batch, seed=batch).astype(np.float64), 2)
+    x = x64.astype(np.float32)
+    if tensors == "binary":
+        got = _post_binary(server, "resnet18", x, ["logits", "features"])
+        outs = [got.as_numpy("logits"), got.as_numpy("features")]
+    else:
+        body = {"inputs": [{"name": "x", "datatype": "FP32", "shape": list(x.shape), "data": x64.tolist()}],
+                "outputs": [{"name": "logits"}, {"name": "features"}]}
+        content = json.dumps(body).encode()
+        assert 4 << 20 < len(content) < LIMIT
+        resp = httpx.post(f"{server.url}/v2/models/resnet18/infer", content=content, timeout=120.0)
+        assert resp.status_code == 200, resp.text[:300]
+        outs = [np.asarray(o["data"], np.float32).reshape(o["shape"]) for o in resp.json()["outputs"]]
+    for got, want in zip(outs, _eager(net, x, "both")):
+        assert_within_bound(got, want)
+
+
+def test_a_request_just_under_the_limit_is_served_and_one_byte_over_is_413(server, models):
+    import httpx
+
+    net, _ = models["mnistmlp"]
+    per_image = 4 * int(np.prod(net.input_shape))
+    head_room = 300  # the JSON part of the body
+    batch = (LIMIT - head_room) // per_image
+    x = _x(net.input_shape, batch, seed=21)
+    got = _post_binary(server, "mnistmlp", x, ["logits"])
+    assert_within_bound(got.as_numpy("logits"), _eager(net, x, "out")[0])
+    resp = httpx.post(f"{server.url}/v2/models/mnistmlp/infer", content=b"{" + b" " * (LIMIT - 1) + b"}",
+                      timeout=TIMEOUT_S)
+    assert resp.status_code == 413 and f"request of {LIMIT + 1} bytes" in resp.json()["error"], resp.text
+
+
+def test_generated_mutations_never_get_a_5xx(server):
+    """1,200 seeded variants of valid requests (types swapped, keys dropped and added, shapes and
+    datatypes changed, bytes truncated and flipped, lying headers), 16 at a time: every answer
+    is 200, or 4xx with one line of JSON naming the problem; then the server still serves."""
+    import httpx
+
+    from tests.mutations import variants
+
+    cases = variants([1, 1, 28, 28], 1200, seed=2026)
+    answers: list = [None] * len(cases)
+
+    async def run():
+        async with httpx.AsyncClient(base_url=server.url, timeout=TIMEOUT_S) as client:
+            sem = asyncio.Semaphore(16)
+
+            async def one(i, body, headers):
+                async with sem:
+                    resp = await client.post(INFER, content=body, headers=headers)
+                    answers[i] = (resp.status_code, resp.headers.get("content-type", ""), resp.content)
+
+            await asyncio.gather(*(one(i, body, headers) for i, (_, body, headers) in enumerate(cases)))
+
+    asyncio.run(run())
+    statuses: dict = {}
+    for (what, body, _), (status, ctype, content) in zip(cases, answers):
+        statuses[status] = statuses.get(status, 0) + 1
+        assert status == 200 or 400 <= status < 500, (what, body[:200], status, content[:300])
+        if status != 200:
+            text = content.decode()
+            assert ctype == "application/json" and "\n" not in text.strip(), (what, text)
+            assert json.loads(text)["error"], (what, text)
+    assert statuses.get(200, 0) > 0 and sum(v for k, v in statuses.items() if k != 200) > 600, statuses
+    ok = httpx.post(f"{server.url}{INFER}", json=_infer_body(), timeout=TIMEOUT_S)
+    assert ok.status_code == 200, ok.text
+
+
+def _grpc_client(server):
+    import tritonclient.grpc as tg
+
+    assert server.grpc, "the test server runs with --grpc-port"
+    return tg, tg.InferenceServerClient(server.grpc)
+
+
+def test_grpc_health_and_metadata(server, models):
+    tg, client = _grpc_client(server)
+    assert client.is_server_live() and client.is_server_ready()
+    for name, (_, directory) in models.items():
+        assert client.is_model_ready(name)
+        meta = client.get_model_metadata(name, as_json=True)
+        manifest = json.loads((directory / "manifest.json").read_text())
+        full = manifest["modes"]["full"]["outputs"]
+        assert [o["name"] for o in meta["outputs"]] == [o["name"] for o in full]
+        assert meta["inputs"][0]["name"] == "x" and meta["inputs"][0]["datatype"] == "FP32"
+        assert meta["versions"] == ["1"]
+
+
+@pytest.mark.parametrize("mode", RETURNT_MODES)
+def test_grpc_infer_matches_eager_in_every_mode(server, models, mode):
+    """tritonclient.grpc with raw tensors; the mode from parameters.returnt, or (no parameter)
+    from the outputs named."""
+    tg, client = _grpc_client(server)
+    for name, (net, directory) in models.items():
+        manifest = json.loads((directory / "manifest.json").read_text())
+        names = [o["name"] for o in manifest["modes"][mode]["outputs"]]
+        x = _x(manifest["input"]["shape"][1:], 3, seed=10 + len(mode))
+        inp = tg.InferInput("x", list(x.shape), "FP32")
+        inp.set_data_from_numpy(x)
+        if mode == "both":
+            result = client.infer(name, [inp], parameters={"returnt": mode})
+        else:
+            result = client.infer(name, [inp], outputs=[tg.InferRequestedOutput(n) for n in names])
+        assert result.get_response().parameters["returnt"].string_param == mode
+        assert [o.name for o in result.get_response().outputs] == names
+        for got, want in zip([result.as_numpy(n) for n in names], _eager(net, x, mode)):
+            assert_within_bound(got, want)
+
+
+def test_grpc_large_batch(server, models):
+    tg, client = _grpc_client(server)
+    net, _ = models["resnet18"]
+    x = _x((3, 224, 224), 32, seed=4)
+    inp = tg.InferInput("x", list(x.shape), "FP32")
+    inp.set_data_from_numpy(x)
+    result = client.infer("resnet18", [inp], outputs=[tg.InferRequestedOutput("logits")], client_timeout=120)
+    assert_within_bound(result.as_numpy("logits"), _eager(net, x, "out")[0])
+
+
+@pytest.mark.parametrize("case, code, fragment", [
+    ("unknown model", "NOT_FOUND", "unknown model 'mnistmpl'; did you mean mnistmlp"),
+    ("wrong shape", "INVALID_ARGUMENT", "expected [batch, 1, 28, 28]"),
+    ("wrong datatype", "INVALID_ARGUMENT", "datatype 'FP64'; allowed: FP32"),
+    ("unknown output", "INVALID_ARGUMENT", "unknown output 'logit'; did you mean logits"),
+    ("returnt not a string", "INVALID_ARGUMENT", "parameter returnt is a int64_param"),
+    ("unknown returnt", "INVALID_ARGUMENT", "returnt='all' is not served"),
+    ("NaN input", "INVALID_ARGUMENT", "NaN or Inf"),
+])
+def test_grpc_bad_requests_get_status_codes(server, case, code, fragment):
+    from tritonclient.utils import InferenceServerException
+
+    tg, client = _grpc_client(server)
+    x = np.zeros((1, 1, 28, 28), np.float32)
+    model, outputs, params = "mnistmlp", None, None
+    if case == "unknown model":
+        model = "mnistmpl"
+    elif case == "wrong shape":
+        x = np.zeros((1, 1, 28, 27), np.float32)
+    elif case == "unknown output":
+        outputs = [tg.InferRequestedOutput("logit")]
+    elif case == "returnt not a string":
+        params = {"returnt": 3}
+    elif case == "unknown returnt":
+        params = {"returnt": "all"}
+    elif case == "NaN input":
+        x[0, 0, 0, 0] = np.nan
+    inp = tg.InferInput("x", list(x.shape), "FP64" if case == "wrong datatype" else "FP32")
+    inp.set_data_from_numpy(x.astype(np.float64) if case == "wrong datatype" else x)
+    with pytest.raises(InferenceServerException) as err:
+        client.infer(model, [inp], outputs=outputs, parameters=params)
+    assert err.value.status() == f"StatusCode.{code}" and fragment in err.value.message(), err.value
+    assert client.infer("mnistmlp", [tg.InferInput("x", [1, 1, 28, 28], "FP32").set_data_from_numpy(
+        np.zeros((1, 1, 28, 28), np.float32))]).as_numpy("logits").shape == (1, 10)
+
+
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+def test_loadtest_over_both_protocols(server, models, protocol):
+    from export.serving.loadtest import run_load
+
+    net, _ = models["resnet18"]
+    x = _x(net.input_shape, 2, seed=8)
+    url = server.url if protocol == "http" else server.grpc
+    result = asyncio.run(run_load(url, "resnet18", 40, 4, timeout_s=TIMEOUT_S, returnt="both", x=x,
+                                  protocol=protocol,
+                                  expected=dict(zip(["logits", "features"], _eager(net, x, "both")))))
+    assert not result.errors and result.wrong == 0 and len(result.latencies_s) == 40, result.report()

@@ -43,11 +43,16 @@ def serve_parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", default="fp32", help="fp32, bf16 or int8, as the engine allows (default: fp32)")
     p.add_argument("--host", default="127.0.0.1", help="HTTP host (default: %(default)s)")
     p.add_argument("--port", type=int, default=8000, help="HTTP port (default: %(default)s)")
+    p.add_argument("--grpc-port", type=int, default=None,
+                   help="also serve KServe v2 gRPC (inference.GRPCInferenceService, what tritonclient.grpc "
+                        "speaks) on this port through Ray Serve's gRPC proxy, which listens on all interfaces "
+                        "(default: HTTP only)")
     p.add_argument("--address", default=os.environ.get("RAY_ADDRESS"),
                    help="join this Ray cluster (host:port of its head, or 'auto'; default: $RAY_ADDRESS, "
                         "else start a local Ray instance)")
     p.add_argument("--max-request-mb", type=float, default=64.0,
-                   help="largest request body accepted (default: %(default)s)")
+                   help="largest request accepted, HTTP body or gRPC message; larger ones get 413 / "
+                        "RESOURCE_EXHAUSTED (default: %(default)s: about 110 images of 3x224x224 in binary)")
     p.add_argument("--request-timeout-s", type=float, default=30.0,
                    help="a request not answered by then gets 503 (default: %(default)s)")
     p.add_argument("--haproxy", action="store_true",
@@ -68,6 +73,9 @@ def check_options(ns: argparse.Namespace) -> None:
     check_option("--batch-wait-ms", ns.batch_wait_ms, ns.batch_wait_ms >= 0, "a number >= 0")
     check_option("--threads", ns.threads, ns.threads is None or ns.threads >= 1, "an integer >= 1")
     check_option("--port", ns.port, 0 < ns.port < 65536, "1-65535")
+    check_option("--grpc-port", ns.grpc_port, ns.grpc_port is None or (0 < ns.grpc_port < 65536
+                                                                       and ns.grpc_port != ns.port),
+                 "1-65535, not the HTTP --port")
     if ns.haproxy and ns.address is not None:
         raise ExportError("--haproxy applies to a local Ray instance; on a cluster set RAY_SERVE_ENABLE_HA_PROXY=1 "
                           "in its environment")
@@ -103,6 +111,8 @@ def run_serve(argv: Sequence[str]) -> int:
         return 0
     if ns.address is None:
         _check_port(ns.host, ns.port)
+        if ns.grpc_port is not None:
+            _check_port("0.0.0.0", ns.grpc_port)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
@@ -110,7 +120,8 @@ def run_serve(argv: Sequence[str]) -> int:
 
     local, address = deploy(config, ns.address, ns.replicas * ns.threads * len(models), haproxy=ns.haproxy)
     try:
-        print(f"serving {', '.join(models)} at http://{ns.host}:{ns.port}/v2 ({ns.replicas} replica(s) x "
+        grpc_note = f" and grpc {ns.host}:{ns.grpc_port}" if ns.grpc_port is not None else ""
+        print(f"serving {', '.join(models)} at http://{ns.host}:{ns.port}/v2{grpc_note} ({ns.replicas} replica(s) x "
               f"{ns.threads} thread(s), engine {ns.engine} {ns.precision}, ray {address}{_proxy_note()}); Ctrl-C stops",
               flush=True)
         stop.wait()

@@ -22,10 +22,15 @@ import numpy as np
 import ray
 from ray import serve
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
+from ray.serve.grpc_util import RayServegRPCContext
 from starlette.requests import Request
 from starlette.responses import Response
 
+from export.serving import grpc_oip
+from export.serving.config import MESSAGE_SIZE_ENV
 from export.serving.oip import (
+    MODEL_VERSION,
+    InferRequest,
     ModelSpec,
     RequestError,
     close_names,
@@ -37,6 +42,9 @@ from export.store.manifest import MANIFEST, read_manifest
 from zoo.base import pack_outputs, unpack_outputs
 
 logger = logging.getLogger("ray.serve")
+
+SERVER_NAME = "returnt-zoo"
+SERVER_VERSION = "0.1.0"
 
 #: replica lost mid-request, or none reachable: the client may retry (503 + Retry-After)
 RETRIABLE = (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError, BackPressureError,
@@ -120,8 +128,10 @@ def _error(message: str, status: int, headers: Optional[Dict[str, str]] = None) 
 
 @serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=1000)
 class OipIngress:
-    """HTTP ingress: the Open Inference Protocol's routes, checks every request against the
-    model's manifest and forwards the input array to the model's `Backbone` application."""
+    """The Open Inference Protocol's HTTP routes and gRPC methods: checks every request against
+    the model's manifest and forwards the input array to the model's `Backbone` application.
+    It stays a deployment of its own (not the model's): a replica lost mid-request reaches the
+    client as 503 / UNAVAILABLE from here, where Ray's proxy would answer 500."""
 
     def __init__(self, directories: List[str], engine: str = "onnxruntime", precision: str = "fp32",
                  max_request_bytes: int = 64 << 20, request_timeout_s: float = 30.0) -> None:
@@ -146,23 +156,40 @@ class OipIngress:
             return _error(f"no route {request.method} {path}; routes: GET /v2, GET /v2/health/ready, "
                           "GET /v2/models/{name}, POST /v2/models/{name}/infer", 404)
         except RequestError as exc:
-            return _error(str(exc), exc.status)
+            headers = {"Retry-After": "1"} if exc.status == 503 else None
+            return _error(str(exc), exc.status, headers)
 
     def _spec(self, model: str, version: Optional[str] = None) -> ModelSpec:
         if model not in self.specs:
             raise RequestError(f"unknown model {model!r}{close_names(model, list(self.specs))}; "
-                               f"served: {', '.join(self.specs)}")
-        if version not in (None, "1"):
-            raise RequestError(f"model {model!r} has no version {version!r}; versions: 1")
+                               f"served: {', '.join(self.specs)}", 404)
+        if version not in (None, "", MODEL_VERSION):
+            raise RequestError(f"model {model!r} has no version {version!r}; versions: {MODEL_VERSION}", 404)
         return self.specs[model]
 
     def _check_size(self, size: int) -> None:
         if size > self.max_request_bytes:
-            raise RequestError(f"request body of {size} bytes is over the limit of {self.max_request_bytes} "
-                               "bytes (--max-request-mb); send fewer images per request")
+            raise RequestError(f"request of {size} bytes is over the limit of {self.max_request_bytes} "
+                               "bytes (--max-request-mb); send fewer images per request", 413)
+
+    async def _run(self, model: str, req: InferRequest) -> Dict[str, np.ndarray]:
+        """output name -> array for a checked request, from a replica of the model."""
+        try:
+            packed = await asyncio.wait_for(self.handles[model].infer.remote(req.x, returnt=req.mode),
+                                            self.request_timeout_s)
+        except asyncio.TimeoutError:
+            raise RequestError(f"model {model!r} did not answer within {self.request_timeout_s:g} s; retry",
+                               503) from None
+        except RETRIABLE as exc:
+            logger.warning("infer on %s: %s: %s", model, type(exc).__name__, str(exc).splitlines()[0])
+            raise RequestError(f"a replica of {model!r} stopped while serving this request "
+                               f"({type(exc).__name__}); retry", 503) from None
+        except (ValueError, TypeError) as exc:  # the replica's own input checks
+            raise RequestError(str(exc).splitlines()[-1]) from None
+        return dict(zip(self.specs[model].modes[req.mode], unpack_outputs(packed)))
 
     async def server_metadata(self, request: Request) -> Response:
-        return _json({"name": "returnt-zoo", "version": "0.1.0", "extensions": ["binary_tensor_data"],
+        return _json({"name": SERVER_NAME, "version": SERVER_VERSION, "extensions": ["binary_tensor_data"],
                       "models": list(self.specs)})
 
     async def health(self, request: Request) -> Response:
@@ -182,21 +209,48 @@ class OipIngress:
         body = await request.body()
         self._check_size(len(body))  # a chunked body declares no length
         req = parse_infer_request(spec, body, request.headers.get("inference-header-content-length"))
-        try:
-            packed = await asyncio.wait_for(self.handles[model].infer.remote(req.x, returnt=req.mode),
-                                            self.request_timeout_s)
-        except asyncio.TimeoutError:
-            return _error(f"model {model!r} did not answer within {self.request_timeout_s:g} s; retry",
-                          503, {"Retry-After": "1"})
-        except RETRIABLE as exc:
-            logger.warning("infer on %s: %s: %s", model, type(exc).__name__, str(exc).splitlines()[0])
-            return _error(f"a replica of {model!r} stopped while serving this request "
-                          f"({type(exc).__name__}); retry", 503, {"Retry-After": "1"})
-        except (ValueError, TypeError) as exc:  # the replica's own input checks
-            raise RequestError(str(exc).splitlines()[-1]) from None
-        results = dict(zip(spec.modes[req.mode], unpack_outputs(packed)))
-        body, headers = encode_infer_response(spec, req, results)
+        body, headers = encode_infer_response(spec, req, await self._run(model, req))
         return Response(body, headers=headers)
+
+    # gRPC: Ray Serve's gRPC proxy calls the method named after the RPC
+
+    @staticmethod
+    def _grpc_error(grpc_context: RayServegRPCContext, exc: RequestError, empty: Any) -> Any:
+        grpc_context.set_code(grpc_oip.status_code(exc))
+        grpc_context.set_details(" ".join(str(exc).split()))
+        return empty
+
+    async def ServerLive(self, request: Any) -> Any:  # noqa: N802 - the RPC's name
+        return grpc_oip.pb.ServerLiveResponse(live=True)
+
+    async def ServerReady(self, request: Any) -> Any:  # noqa: N802
+        return grpc_oip.pb.ServerReadyResponse(ready=True)
+
+    async def ServerMetadata(self, request: Any) -> Any:  # noqa: N802
+        return grpc_oip.pb.ServerMetadataResponse(name=SERVER_NAME, version=SERVER_VERSION,
+                                                  extensions=["binary_tensor_data"])
+
+    async def ModelReady(self, request: Any, grpc_context: RayServegRPCContext) -> Any:  # noqa: N802
+        try:
+            self._spec(request.name, request.version)
+        except RequestError as exc:
+            return self._grpc_error(grpc_context, exc, grpc_oip.pb.ModelReadyResponse(ready=False))
+        return grpc_oip.pb.ModelReadyResponse(ready=True)
+
+    async def ModelMetadata(self, request: Any, grpc_context: RayServegRPCContext) -> Any:  # noqa: N802
+        try:
+            return grpc_oip.model_metadata(self._spec(request.name, request.version))
+        except RequestError as exc:
+            return self._grpc_error(grpc_context, exc, grpc_oip.pb.ModelMetadataResponse())
+
+    async def ModelInfer(self, request: Any, grpc_context: RayServegRPCContext) -> Any:  # noqa: N802
+        try:
+            spec = self._spec(request.model_name, request.model_version)
+            self._check_size(request.ByteSize())
+            req = grpc_oip.parse_infer_request(spec, request)
+            return grpc_oip.infer_response(spec, req, await self._run(request.model_name, req))
+        except RequestError as exc:
+            return self._grpc_error(grpc_context, exc, grpc_oip.pb.ModelInferResponse())
 
 
 def backbone_app(args: Dict[str, Any]):
@@ -209,19 +263,20 @@ def backbone_app(args: Dict[str, Any]):
     # requests wait in the replica's batch queue, not in the ingress's retries with backoff
     return Backbone.options(
         num_replicas=replicas, max_ongoing_requests=max(4 * max_batch, 64),
-        ray_actor_options={"num_cpus": threads},
+        ray_actor_options={"num_cpus": threads, "runtime_env": {"env_vars": dict(MESSAGE_SIZE_ENV)}},
     ).bind(**args)
 
 
 def oip_app(args: Dict[str, Any]):
     """Application builder for the HTTP ingress: args directories, engine, precision,
     max_request_bytes, request_timeout_s."""
-    return OipIngress.bind(**args)
+    return OipIngress.options(
+        ray_actor_options={"num_cpus": 0, "runtime_env": {"env_vars": dict(MESSAGE_SIZE_ENV)}}).bind(**args)
 
 
 #: Ray Serve's direct gRPC between deployments (Ray >= 2.55): the ingress -> replica hop costs
 #: less CPU. Set to 0 in the environment to turn it off.
-THROUGHPUT_ENV = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}
+THROUGHPUT_ENV = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", **MESSAGE_SIZE_ENV}
 
 
 def haproxy_env() -> Dict[str, str]:
@@ -258,8 +313,8 @@ def deploy(config: Dict[str, Any], address: Optional[str] = None, cpus: int = 1,
             os.environ.setdefault(key, value)
     ray.init(address=address, num_cpus=max(os.cpu_count() or 1, cpus) if local else None,
              include_dashboard=False, logging_level=logging.WARNING)
-    serve.start(http_options=config["http_options"], proxy_location=config["proxy_location"],
-                logging_config=LOGGING)
+    serve.start(http_options=config["http_options"], grpc_options=config.get("grpc_options"),
+                proxy_location=config["proxy_location"], logging_config=LOGGING)
     for app in config["applications"]:
         serve.run(BUILDERS[app["import_path"]](app["args"]), name=app["name"], route_prefix=app["route_prefix"],
                   logging_config=LOGGING)

@@ -1,24 +1,28 @@
 """`python -m export loadtest URL --model NAME`: a bounded load on an Open Inference Protocol
-server (ours or Triton). Sends `--requests` copies of one seeded input from `--concurrency`
-concurrent httpx connections, stops at the count or `--duration-s`, and reports throughput,
-latency percentiles and errors (JSON with `--json`).
+server (ours or Triton), over HTTP (binary tensors or JSON) or gRPC. Sends `--requests` copies of
+one seeded input from `--concurrency` concurrent requests, stops at the count or `--duration-s`,
+and reports throughput, latency percentiles and errors (JSON with `--json`).
 
-Every answer is checked: status 200, the model's output shapes, finite values, and the same
-numbers as the first answer (within the export's verification bound) - a server that answers
-fast with wrong numbers shows up as `wrong`, not as throughput. Exit status 1 when any request
-failed or was wrong.
+Requests are encoded and answers decoded by tritonclient's own code (`tritonclient.http`'s
+request body and response parser, `tritonclient.grpc.aio`), not by the server's: the two sides
+cannot share a bug unnoticed. Every answer is checked: status, the model's outputs, finite
+values, and the same numbers as the first answer (within the export's verification bound) - a
+server that answers fast with wrong numbers shows up as `wrong`, not as throughput. Exit status
+1 when any request failed or was wrong.
 """
 
 import asyncio
 import time
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
 from export.errors import ExportError
-from export.serving.oip import HEADER_LENGTH, decode_infer_response, encode_infer_request
 from export.store.tolerance import error_stats  # the export's own bound
+
+PROTOCOLS = ("http", "grpc")
+HEADER_LENGTH = "Inference-Header-Content-Length"
 
 
 @dataclass
@@ -32,6 +36,7 @@ class LoadResult:
     sent: int = 0
     elapsed_s: float = 0.0
     batch: int = 1
+    protocol: str = "http"
     #: CPU seconds this process (the client) used during the run: on one machine, the
     #: client's share of the cores is not the server's
     client_cpu_s: float = 0.0
@@ -44,8 +49,9 @@ class LoadResult:
         ok = len(self.latencies_s)
         lat = np.asarray(self.latencies_s) * 1000.0
         pct = {f"p{q}_ms": round(float(np.percentile(lat, q)), 2) if ok else None for q in (50, 95, 99)}
-        return {"requests": self.sent, "ok": ok, "errors": dict(self.errors), "wrong": self.wrong,
-                "error_examples": dict(self.error_examples), "seconds": round(self.elapsed_s, 3),
+        return {"protocol": self.protocol, "requests": self.sent, "ok": ok, "errors": dict(self.errors),
+                "wrong": self.wrong, "error_examples": dict(self.error_examples),
+                "seconds": round(self.elapsed_s, 3),
                 "requests_per_s": round(ok / self.elapsed_s, 2) if self.elapsed_s else None,
                 "images_per_s": round(ok * self.batch / self.elapsed_s, 2) if self.elapsed_s else None,
                 "batch": self.batch, "client_cpu_ms_per_request": round(1000 * self.client_cpu_s / self.sent, 2)
@@ -53,85 +59,210 @@ class LoadResult:
                 "mean_ms": round(float(lat.mean()), 2) if ok else None}
 
 
+class Failure(Exception):
+    """One request's failure: `kind` (the HTTP status, the gRPC status name, 'timeout', ...)."""
+
+    def __init__(self, kind: str, detail: str) -> None:
+        super().__init__(detail)
+        self.kind = kind
+
+
+def _input_dims(meta: Dict[str, Any], model: str, shape: Optional[Sequence[int]]) -> List[int]:
+    """The per-image dims to send: `shape` when given, else the model's fixed dims, else (any
+    image size) the size it was exported at, when the metadata says."""
+    spec = meta["inputs"][0]
+    dims = [int(d) for d in spec["shape"][1:]]
+    if shape is not None:
+        return list(shape)
+    if any(d < 0 for d in dims):
+        dims = (meta.get("parameters") or {}).get("input_shape_at_export", [None, *dims])[1:]
+    if any(not isinstance(d, int) or d < 1 for d in dims):
+        raise ExportError(f"model {model!r} takes inputs of shape {spec['shape']}; give the size to send "
+                          "with --input-shape C,H,W")
+    return dims
+
+
+class HttpTarget:
+    """POST /v2/models/{model}/infer with httpx; body and answer through tritonclient.http."""
+
+    def __init__(self, url: str, model: str, concurrency: int, timeout_s: float) -> None:
+        import httpx
+
+        self.httpx = httpx
+        self.base = url.rstrip("/")
+        self.model = model
+        limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+        self.client = httpx.AsyncClient(base_url=self.base, timeout=timeout_s, limits=limits)
+        self.timeout_s = timeout_s
+
+    async def metadata(self) -> Dict[str, Any]:
+        try:
+            return (await self.client.get(f"/v2/models/{self.model}")).raise_for_status().json()
+        except self.httpx.HTTPStatusError as exc:
+            answer = f"{exc.response.status_code} {exc.response.text.strip()}"
+            raise ExportError(f"{self.base}: model {self.model!r}: {answer}") from None
+        except self.httpx.HTTPError as exc:
+            raise ExportError(f"cannot reach {self.base} ({type(exc).__name__}: {exc}); "
+                              "is the server running?") from None
+
+    def prepare(self, input_name: str, x: np.ndarray, outputs: Sequence[str], returnt: Optional[str],
+                binary: bool) -> None:
+        import tritonclient.http as th
+
+        inp = th.InferInput(input_name, list(x.shape), "FP32")
+        inp.set_data_from_numpy(x, binary_data=binary)
+        requested = [th.InferRequestedOutput(n, binary_data=binary) for n in outputs]
+        body, json_size = th.InferenceServerClient.generate_request_body(
+            [inp], outputs=requested or None, parameters={"returnt": returnt} if returnt else None)
+        self.body = body
+        self.headers = {"Content-Type": "application/octet-stream" if json_size else "application/json"}
+        if json_size:
+            self.headers[HEADER_LENGTH] = str(json_size)
+        self.parse = th.InferenceServerClient.parse_response_body
+
+    async def infer(self) -> Dict[str, np.ndarray]:
+        try:
+            resp = await self.client.post(f"/v2/models/{self.model}/infer", content=self.body, headers=self.headers)
+        except self.httpx.TimeoutException as exc:
+            raise Failure("timeout", f"{type(exc).__name__} after {self.timeout_s:g} s") from None
+        except self.httpx.HTTPError as exc:
+            raise Failure(type(exc).__name__, str(exc)) from None
+        if resp.status_code != 200:
+            raise Failure(str(resp.status_code), resp.text.strip())
+        length = resp.headers.get(HEADER_LENGTH)
+        result = self.parse(resp.content, header_length=int(length) if length else None)
+        return {o["name"]: result.as_numpy(o["name"]) for o in result.get_response()["outputs"]}
+
+    async def close(self) -> None:
+        await self.client.aclose()
+
+
+class GrpcTarget:
+    """ModelInfer over `tritonclient.grpc.aio` (raw tensor contents both ways)."""
+
+    def __init__(self, url: str, model: str, concurrency: int, timeout_s: float) -> None:
+        import tritonclient.grpc.aio as tga
+
+        self.tga = tga
+        self.url = url.split("://", 1)[-1].rstrip("/")
+        self.model = model
+        self.client = tga.InferenceServerClient(self.url)
+        self.timeout_s = timeout_s
+
+    async def metadata(self) -> Dict[str, Any]:
+        from tritonclient.utils import InferenceServerException
+
+        try:
+            return await self.client.get_model_metadata(self.model, as_json=True, client_timeout=self.timeout_s)
+        except InferenceServerException as exc:
+            raise ExportError(f"grpc {self.url}: model {self.model!r}: {exc}; is the server running "
+                              "with gRPC on that port?") from None
+
+    def prepare(self, input_name: str, x: np.ndarray, outputs: Sequence[str], returnt: Optional[str],
+                binary: bool) -> None:
+        inp = self.tga.InferInput(input_name, list(x.shape), "FP32")
+        inp.set_data_from_numpy(x)
+        self.inputs = [inp]
+        self.outputs = [self.tga.InferRequestedOutput(n) for n in outputs] or None
+        self.parameters = {"returnt": returnt} if returnt else None
+
+    async def infer(self) -> Dict[str, np.ndarray]:
+        from tritonclient.utils import InferenceServerException
+
+        try:
+            result = await self.client.infer(self.model, self.inputs, outputs=self.outputs,
+                                             parameters=self.parameters, client_timeout=self.timeout_s)
+        except InferenceServerException as exc:
+            status = exc.status() or "error"
+            kind = "timeout" if "DEADLINE_EXCEEDED" in status else status.replace("StatusCode.", "")
+            raise Failure(kind, exc.message() or str(exc)) from None
+        return {o.name: result.as_numpy(o.name) for o in result.get_response().outputs}
+
+    async def close(self) -> None:
+        await self.client.close()
+
+
 def _close(got: Dict[str, np.ndarray], want: Dict[str, np.ndarray]) -> bool:
     return got.keys() == want.keys() and all(error_stats(got[k], want[k])["ok"] for k in want)
+
+
+def _outputs_to_ask(meta: Dict[str, Any], returnt: Optional[str], binary: bool) -> List[str]:
+    """Outputs named in each request: none for binary answers (the mode's outputs come back);
+    JSON answers need the names (tritonclient asks binary for unnamed ones)."""
+    if binary:
+        return []
+    modes = (meta.get("parameters") or {}).get("mode_outputs", {})
+    return list(modes.get(returnt or "out", ["logits"]))
 
 
 async def run_load(url: str, model: str, requests: int, concurrency: int, batch: int = 1,
                    timeout_s: float = 30.0, duration_s: float = 600.0, returnt: Optional[str] = None,
                    binary: bool = True, seed: int = 0, expected: Optional[Dict[str, np.ndarray]] = None,
-                   x: Optional[np.ndarray] = None, progress: bool = False) -> LoadResult:
+                   x: Optional[np.ndarray] = None, progress: bool = False, protocol: str = "http",
+                   input_shape: Optional[Sequence[int]] = None) -> LoadResult:
     """Send at most `requests` infer requests (fewer if `duration_s` runs out), `concurrency` at a
     time, each with `timeout_s`. Answers are compared with `expected` (output name -> array) when
     given, else with the first answer."""
-    import httpx
-
-    base = url.rstrip("/")
-    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-    async with httpx.AsyncClient(base_url=base, timeout=timeout_s, limits=limits) as client:
-        try:
-            meta = (await client.get(f"/v2/models/{model}")).raise_for_status().json()
-        except httpx.HTTPStatusError as exc:
-            answer = f"{exc.response.status_code} {exc.response.text.strip()}"
-            raise ExportError(f"{base}: model {model!r}: {answer}") from None
-        except httpx.HTTPError as exc:
-            raise ExportError(f"cannot reach {base} ({type(exc).__name__}: {exc}); is the server running?") from None
-        spec = meta["inputs"][0]
+    target = (GrpcTarget if protocol == "grpc" else HttpTarget)(url, model, concurrency, timeout_s)
+    try:
+        meta = await target.metadata()
         if x is None:
-            dims = spec["shape"][1:]
-            if any(d < 0 for d in dims):  # any image size: the size it was exported at
-                dims = (meta.get("parameters") or {}).get("input_shape_at_export", [None, *dims])[1:]
-            if any(not isinstance(d, int) or d < 1 for d in dims):
-                raise ExportError(f"model {model!r} takes inputs of shape {spec['shape']}; "
-                                  "which size to send is unknown")
+            dims = _input_dims(meta, model, input_shape)
             x = np.random.default_rng(seed).standard_normal((batch, *dims)).astype(np.float32)
-        body, headers = encode_infer_request(spec["name"], x, returnt=returnt, binary=binary)
-        result = LoadResult(batch=int(x.shape[0]))
-        reference: Dict[str, Optional[Dict[str, np.ndarray]]] = {"want": expected}
-        deadline = time.perf_counter() + duration_s
-        bar = None
-        if progress:
-            from tqdm import tqdm
-
-            bar = tqdm(total=requests, unit="req", desc=f"{model} x{concurrency}")
-
-        async def one() -> None:
-            t0 = time.perf_counter()
-            try:
-                resp = await client.post(f"/v2/models/{model}/infer", content=body, headers=headers)
-            except httpx.TimeoutException as exc:
-                result.fail("timeout", f"{type(exc).__name__} after {timeout_s:g} s")
-                return
-            except httpx.HTTPError as exc:
-                result.fail(type(exc).__name__, str(exc))
-                return
-            latency = time.perf_counter() - t0
-            if resp.status_code != 200:
-                result.fail(str(resp.status_code), resp.text.strip())
-                return
-            try:
-                got = decode_infer_response(resp.content, resp.headers.get(HEADER_LENGTH))
-            except Exception as exc:  # noqa: BLE001 - an undecodable answer is the server's error
-                result.fail("undecodable", f"{type(exc).__name__}: {exc}")
-                return
-            if reference["want"] is None:
-                reference["want"] = got
-            if not all(np.isfinite(v).all() for v in got.values()) or not _close(got, reference["want"]):
-                result.wrong += 1
-                return
-            result.latencies_s.append(latency)
-
-        async def worker() -> None:
-            while result.sent < requests and time.perf_counter() < deadline:
-                result.sent += 1
-                await one()
-                if bar is not None:
-                    bar.update()
-
-        start, cpu = time.perf_counter(), time.process_time()
-        await asyncio.gather(*(worker() for _ in range(concurrency)))
-        result.elapsed_s = time.perf_counter() - start
-        result.client_cpu_s = time.process_time() - cpu
-        if bar is not None:
-            bar.close()
+        target.prepare(meta["inputs"][0]["name"], x, _outputs_to_ask(meta, returnt, binary), returnt, binary)
+        result = LoadResult(batch=int(x.shape[0]), protocol=protocol)
+        await _drive(target, result, requests, concurrency, duration_s, expected, progress, f"{model} x{concurrency}")
+    finally:
+        await target.close()
     return result
+
+
+async def _drive(target: Any, result: LoadResult, requests: int, concurrency: int, duration_s: float,
+                 expected: Optional[Dict[str, np.ndarray]], progress: bool, desc: str) -> None:
+    reference: Dict[str, Optional[Dict[str, np.ndarray]]] = {"want": expected}
+    deadline = time.perf_counter() + duration_s
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=requests, unit="req", desc=desc)
+
+    async def one() -> None:
+        t0 = time.perf_counter()
+        try:
+            got = await target.infer()
+        except Failure as exc:
+            result.fail(exc.kind, str(exc))
+            return
+        except Exception as exc:  # noqa: BLE001 - an undecodable answer is the server's error
+            result.fail("undecodable", f"{type(exc).__name__}: {exc}")
+            return
+        latency = time.perf_counter() - t0
+        if reference["want"] is None:
+            reference["want"] = got
+        if not all(np.isfinite(v).all() for v in got.values()) or not _close(got, reference["want"]):
+            result.wrong += 1
+            return
+        result.latencies_s.append(latency)
+
+    async def worker() -> None:
+        while result.sent < requests and time.perf_counter() < deadline:
+            result.sent += 1
+            await one()
+            if bar is not None:
+                bar.update()
+
+    start, cpu = time.perf_counter(), time.process_time()
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    result.elapsed_s = time.perf_counter() - start
+    result.client_cpu_s = time.process_time() - cpu
+    if bar is not None:
+        bar.close()
+
+
+def parse_input_shape(text: str) -> Tuple[int, ...]:
+    """'3,224,224' -> (3, 224, 224); ValueError on anything else."""
+    dims = tuple(int(t) for t in text.split(","))
+    if not dims or any(d < 1 for d in dims):
+        raise ValueError(text)
+    return dims

@@ -9,10 +9,12 @@ naming the bad value and what is allowed) for anything a client got wrong.
 import difflib
 import hashlib
 import json
+import re
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from export.store.manifest import Manifest, free_dims
 from zoo.base import RETURNT_MODES
@@ -64,7 +66,7 @@ class ModelSpec:
         for mode in sorted(modes, key=lambda m: m != "full"):  # 'full' first: stage order
             for o in manifest.modes[mode].outputs:
                 outputs.setdefault(o.name, free_dims(o.shape))
-        params = {"returnt_modes": list(modes), "engine": engine, "precision": precision,
+        params = {"returnt_modes": list(modes), "mode_outputs": modes, "engine": engine, "precision": precision,
                   "manifest_sha256": hashlib.sha256(manifest_bytes).hexdigest(),
                   "files": {n: f.sha256 for n, f in sorted(manifest.files.items())},
                   "input_shape_at_export": [1, *spec.shape[1:]]}
@@ -111,7 +113,26 @@ class InferRequest:
     id: Optional[str] = None
 
 
+#: deepest JSON nesting a request needs: object > inputs > tensor > data of rank up to 8, with room
+MAX_JSON_DEPTH = 32
+_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"')
+_BRACKETS = bytes(range(256)).translate(None, b"[]{}")
+
+
+def json_depth(data: bytes) -> int:
+    """The deepest nesting of `[`/`{` in a JSON text (brackets inside strings not counted),
+    measured without parsing: Python's parser recurses once per level."""
+    brackets = _STRING.sub(b"", data).translate(None, _BRACKETS)
+    if not brackets:
+        return 0
+    steps = np.frombuffer(brackets, np.uint8)
+    return int(np.cumsum(np.where((steps == ord("[")) | (steps == ord("{")), 1, -1)).max())
+
+
 def _json_object(data: bytes, what: str) -> Dict[str, Any]:
+    depth = json_depth(data)
+    if depth > MAX_JSON_DEPTH:
+        raise RequestError(f"{what} nests {depth} levels deep; at most {MAX_JSON_DEPTH} are allowed")
     try:
         obj = json.loads(data)
     except (UnicodeDecodeError, ValueError) as exc:
@@ -122,10 +143,60 @@ def _json_object(data: bytes, what: str) -> Dict[str, Any]:
     return obj
 
 
-def _int_list(value: Any, what: str) -> List[int]:
-    if not isinstance(value, list) or not all(isinstance(d, int) and not isinstance(d, bool) for d in value):
-        raise RequestError(f"{what} is {value!r}; expected a list of integers")
-    return value
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class _Open(BaseModel):
+    """Parameters objects: the protocol lets clients add their own keys; the known ones are typed."""
+
+    model_config = ConfigDict(extra="allow", strict=True)
+
+
+class TensorParameters(_Strict):
+    binary_data_size: Optional[int] = Field(default=None, ge=0)
+
+
+class RequestInput(_Strict):
+    name: str
+    datatype: str
+    shape: List[int]
+    parameters: Optional[TensorParameters] = None
+    #: flat or nested numbers; checked against the shape after the other fields
+    data: Optional[List[Any]] = None
+
+
+class OutputParameters(_Strict):
+    binary_data: Optional[bool] = None
+
+
+class RequestOutput(_Strict):
+    name: str
+    parameters: Optional[OutputParameters] = None
+
+
+class RequestParameters(_Open):
+    returnt: Optional[str] = None
+    binary_data_output: Optional[bool] = None
+
+
+class InferRequestBody(_Strict):
+    """The JSON part of POST /v2/models/{name}/infer (KServe v2 inference request)."""
+
+    id: Optional[str] = None
+    parameters: Optional[RequestParameters] = None
+    inputs: List[RequestInput]
+    outputs: Optional[List[RequestOutput]] = None
+
+
+def _validation_line(exc: ValidationError) -> str:
+    """A pydantic error as one line: where, what was wrong, what was given."""
+    err = exc.errors(include_url=False)[0]
+    where = ".".join(str(p) for p in err["loc"]) or "request body"
+    given = json.dumps(err.get("input"), default=str)
+    if len(given) > 60:
+        given = given[:57] + "..."
+    return f"{where}: {err['msg']} (got {given})"
 
 
 def split_body(body: bytes, header_length: Optional[str]) -> Tuple[bytes, bytes]:
@@ -142,80 +213,88 @@ def split_body(body: bytes, header_length: Optional[str]) -> Tuple[bytes, bytes]
     return body[:n], body[n:]
 
 
-def parse_infer_request(spec: ModelSpec, body: bytes, header_length: Optional[str] = None) -> InferRequest:
-    """A POST /v2/models/{name}/infer body, checked against the model: one FP32 input of the
-    manifest's shape (JSON `data`, flat or nested, or `binary_data_size` bytes after the JSON
-    header), outputs by name, `parameters.returnt` optional."""
-    head, binary = split_body(body, header_length)
-    req = _json_object(head, "request body")
-    params = req.get("parameters") or {}
-    if not isinstance(params, dict):
-        raise RequestError(f"parameters is {params!r}; expected an object")
-    inputs = req.get("inputs")
-    if not isinstance(inputs, list) or len(inputs) != 1 or not isinstance(inputs[0], dict):
-        raise RequestError(f"inputs must be a list of one tensor ({spec.input_name!r}); got "
-                           f"{json.dumps(inputs)[:80] if inputs is not None else 'none'}")
-    tensor = inputs[0]
-    name = tensor.get("name")
+def check_input(spec: ModelSpec, name: str, datatype: str, shape: List[int]) -> int:
+    """The value count of the one input, after its name, datatype and shape are checked."""
     if name != spec.input_name:
         raise RequestError(f"unknown input {name!r}; model {spec.name!r} has one input, {spec.input_name!r}")
-    dtype = tensor.get("datatype")
-    if dtype != DATATYPE:
-        raise RequestError(f"input {name!r} has datatype {dtype!r}; allowed: {DATATYPE}")
-    shape = _int_list(tensor.get("shape"), f"shape of input {name!r}")
+    if datatype != DATATYPE:
+        raise RequestError(f"input {name!r} has datatype {datatype!r}; allowed: {DATATYPE}")
     problem = spec.manifest.input_shape_problem(shape)
     if problem:
         raise RequestError(f"input {name!r}: {problem}")
+    return int(np.prod(shape))
+
+
+def array_from_json(name: str, data: List[Any], shape: List[int]) -> np.ndarray:
+    """JSON `data` as float32 of `shape`: a flat list of all values, or lists nested exactly as
+    the shape (a 3072 x [1] nesting for shape [1, 3, 32, 32] is neither)."""
     count = int(np.prod(shape))
-    tparams = tensor.get("parameters") or {}
-    size = tparams.get("binary_data_size") if isinstance(tparams, dict) else None
+    try:
+        arr = np.asarray(data)
+    except (TypeError, ValueError):  # ragged nesting
+        raise RequestError(f"input {name!r}: data is not a flat list or a nesting of shape {shape}") from None
+    if arr.dtype.kind not in "fiu":
+        raise RequestError(f"input {name!r}: data is not a (nested) list of numbers")
+    if arr.shape != (count,) and list(arr.shape) != list(shape):
+        if arr.ndim == 1:
+            raise RequestError(f"input {name!r}: data has {arr.size} values; shape {shape} needs {count}")
+        raise RequestError(f"input {name!r}: data is nested as {list(arr.shape)}; expected a flat list of "
+                           f"{count} numbers or a nesting of shape {shape}")
+    return arr.astype(np.float32, copy=False).reshape(shape)
+
+
+def checked_request(spec: ModelSpec, name: str, x: np.ndarray, wanted: List[str], binary_out: Dict[str, bool],
+                    returnt: Optional[str], default_binary: bool = False,
+                    request_id: Optional[str] = None) -> InferRequest:
+    """What both protocols share once the input array is read: finite values, outputs known
+    and asked once, the mode they need."""
+    if not np.isfinite(x).all():
+        raise RequestError(f"input {name!r} holds NaN or Inf; expected finite FP32 values")
+    for i, out in enumerate(wanted):
+        if out not in spec.outputs:
+            raise RequestError(f"unknown output {out!r}{close_names(out, list(spec.outputs))}; "
+                               f"model {spec.name!r} has: {', '.join(spec.outputs)}")
+        if out in wanted[:i]:
+            raise RequestError(f"output {out!r} is asked for twice")
+    mode = spec.choose_mode(wanted, returnt)
+    outputs = wanted or spec.modes[mode]
+    return InferRequest(x, mode, outputs, {n: binary_out.get(n, default_binary) for n in outputs}, request_id)
+
+
+def parse_infer_request(spec: ModelSpec, body: bytes, header_length: Optional[str] = None) -> InferRequest:
+    """A POST /v2/models/{name}/infer body, checked against the model: the binary part split
+    off first, the JSON part depth-checked, parsed and validated as `InferRequestBody`; one FP32
+    input of the manifest's shape (JSON `data`, flat or nested as the shape, or
+    `binary_data_size` bytes after the JSON part), outputs by name, `parameters.returnt` optional."""
+    head, binary = split_body(body, header_length)
+    try:
+        req = InferRequestBody.model_validate(_json_object(head, "request body"))
+    except ValidationError as exc:
+        raise RequestError(_validation_line(exc)) from None
+    if len(req.inputs) != 1:
+        raise RequestError(f"inputs has {len(req.inputs)} tensors; model {spec.name!r} takes one, {spec.input_name!r}")
+    tensor = req.inputs[0]
+    count = check_input(spec, tensor.name, tensor.datatype, tensor.shape)
+    size = tensor.parameters.binary_data_size if tensor.parameters else None
     if size is not None:
         if size != count * 4 or size != len(binary):
-            raise RequestError(f"input {name!r}: binary_data_size {size!r} with {len(binary)} bytes after "
-                               f"the JSON header; shape {shape} needs exactly {count * 4} bytes")
-        x = np.frombuffer(binary, dtype="<f4").reshape(shape)
+            raise RequestError(f"input {tensor.name!r}: binary_data_size {size} with {len(binary)} bytes after "
+                               f"the JSON header; shape {tensor.shape} needs exactly {count * 4} bytes")
+        if tensor.data is not None:
+            raise RequestError(f"input {tensor.name!r} has both data and parameters.binary_data_size; send one")
+        x = np.frombuffer(binary, dtype="<f4").reshape(tensor.shape)
     else:
         if binary:
             raise RequestError(f"{len(binary)} bytes after the JSON header, but no input has binary_data_size")
-        if "data" not in tensor:
-            raise RequestError(f"input {name!r} has neither 'data' nor parameters.binary_data_size")
-        try:
-            x = np.asarray(tensor["data"], dtype=np.float32)
-        except (TypeError, ValueError):
-            raise RequestError(f"input {name!r}: data is not a (nested) list of numbers") from None
-        if x.size != count:
-            raise RequestError(f"input {name!r}: data has {x.size} values; shape {shape} needs {count}")
-        x = x.reshape(shape)
-    if not np.isfinite(x).all():
-        raise RequestError(f"input {name!r} holds NaN or Inf; expected finite FP32 values")
-    wanted, binary_out = _requested_outputs(spec, req.get("outputs"), params)
-    mode = spec.choose_mode(wanted, params.get("returnt"))
-    outputs = wanted or spec.modes[mode]
-    default_binary = bool(params.get("binary_data_output", False))
-    binary_map = {n: binary_out.get(n, default_binary) for n in outputs}
-    rid = req.get("id")
-    return InferRequest(x, mode, outputs, binary_map, rid if isinstance(rid, str) else None)
-
-
-def _requested_outputs(spec: ModelSpec, outputs: Any, params: Dict[str, Any]) -> Tuple[List[str], Dict[str, bool]]:
-    if outputs is None:
-        return [], {}
-    if not isinstance(outputs, list) or not all(isinstance(o, dict) for o in outputs):
-        raise RequestError(f"outputs is {json.dumps(outputs)[:80]}; expected a list of {{\"name\": ...}}")
-    names: List[str] = []
-    binary: Dict[str, bool] = {}
-    for o in outputs:
-        name = o.get("name")
-        if name not in spec.outputs:
-            raise RequestError(f"unknown output {name!r}{close_names(str(name), list(spec.outputs))}; "
-                               f"model {spec.name!r} has: {', '.join(spec.outputs)}")
-        if name in names:
-            raise RequestError(f"output {name!r} is asked for twice")
-        names.append(name)
-        oparams = o.get("parameters") or {}
-        if isinstance(oparams, dict) and "binary_data" in oparams:
-            binary[name] = bool(oparams["binary_data"])
-    return names, binary
+        if tensor.data is None:
+            raise RequestError(f"input {tensor.name!r} has neither 'data' nor parameters.binary_data_size")
+        x = array_from_json(tensor.name, tensor.data, tensor.shape)
+    params = req.parameters or RequestParameters()
+    wanted = [o.name for o in req.outputs or []]
+    binary_out = {o.name: o.parameters.binary_data for o in req.outputs or []
+                  if o.parameters is not None and o.parameters.binary_data is not None}
+    return checked_request(spec, tensor.name, x, wanted, binary_out, params.returnt,
+                           bool(params.binary_data_output), req.id)
 
 
 def _tensor(name: str, array: np.ndarray, binary: bool, blobs: List[bytes]) -> Dict[str, Any]:
@@ -255,33 +334,3 @@ def encode_infer_response(spec: ModelSpec, request: InferRequest,
 def error_body(message: str) -> bytes:
     """The protocol's error object, on one line."""
     return json.dumps({"error": " ".join(str(message).split())}).encode()
-
-
-def decode_infer_response(body: bytes, header_length: Optional[str] = None) -> Dict[str, np.ndarray]:
-    """output name -> array of an infer response (JSON `data` or binary tensor extension)."""
-    head, binary = split_body(body, header_length)
-    resp = _json_object(head, "response body")
-    arrays: Dict[str, np.ndarray] = {}
-    offset = 0
-    for out in resp.get("outputs", []):
-        shape = out["shape"]
-        size = (out.get("parameters") or {}).get("binary_data_size")
-        if size is not None:
-            arrays[out["name"]] = np.frombuffer(binary[offset:offset + size], dtype="<f4").reshape(shape)
-            offset += size
-        else:
-            arrays[out["name"]] = np.asarray(out["data"], dtype=np.float32).reshape(shape)
-    return arrays
-
-
-def encode_infer_request(input_name: str, x: np.ndarray, outputs: Sequence[str] = (),
-                         returnt: Optional[str] = None, binary: bool = True) -> Tuple[bytes, Dict[str, str]]:
-    """(body, headers) of an infer request for `x` (the loadtest's client side)."""
-    blobs: List[bytes] = []
-    req: Dict[str, Any] = {"inputs": [_tensor(input_name, x, binary, blobs)],
-                           "parameters": {"binary_data_output": binary}}
-    if outputs:
-        req["outputs"] = [{"name": n} for n in outputs]
-    if returnt is not None:
-        req["parameters"]["returnt"] = returnt
-    return _body(req, blobs)
