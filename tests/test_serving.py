@@ -351,11 +351,15 @@ def test_a_killed_replica_costs_at_most_retriable_errors(server, ray_driver, mod
 def test_loadtest_command_reports_and_writes_json(server, tmp_path):
     out = tmp_path / "load.json"
     proc = subprocess.run([sys.executable, "-m", "export", "loadtest", server.url, "--model", "resnet18",
-                           "--requests", "60", "--concurrency", "8", "--batch", "2", "--json", str(out)],
+                           "--requests", "60", "--concurrency", "8", "--batch", "2", "--json", str(out),
+                           "--server-pid", str(server.proc.pid)],
                           cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     report = json.loads(out.read_text())
     assert report["ok"] == 60 and report["errors"] == {} and report["wrong"] == 0
+    # the replicas of the model under load did the inference: their CPU shows per request
+    cpu = report["server_cpu_ms_per_request"]
+    assert any(name.startswith("ray::ServeReplica:resnet18:Backbone") and ms > 0 for name, ms in cpu.items()), cpu
     assert report["images_per_s"] == pytest.approx(2 * report["requests_per_s"], rel=1e-3)
     assert report["p50_ms"] <= report["p95_ms"] <= report["p99_ms"]
 
@@ -397,6 +401,8 @@ def test_tampered_directory_refuses_to_start(models, tmp_path):
     (["--engine", "onnxruntime", "--precision", "bf16"], "no precision 'bf16'"),
     (["--port", "70000"], "--port 70000 is not allowed"),
     (["--haproxy", "--address", "127.0.0.1:1"], "--haproxy applies to a local Ray instance"),
+    (["--haproxy", "--grpc-port", "9001"], "use one of the two"),
+    (["--grpc-port", "8000"], "--grpc-port 8000 is not allowed; expected 1-65535, not the HTTP --port"),
 ])
 def test_bad_serve_options_are_one_line(models, args, fragment):
     _, directory = models["mnistmlp"]
@@ -418,6 +424,14 @@ def test_print_config_is_a_serve_deploy_config(models):
     assert set(apps) == {"mnistmlp", "resnet18", "oip"}
     assert apps["oip"].route_prefix == "/" and apps["mnistmlp"].route_prefix is None
     assert apps["resnet18"].args["replicas"] == 3 and apps["resnet18"].args["directory"] == dirs[1]
+    # the default limit takes batch 64 at 3x224x224 in binary
+    assert apps["oip"].args["max_request_bytes"] > 64 * 3 * 224 * 224 * 4 + 1000
+    assert config.grpc_options is None or not config.grpc_options.grpc_servicer_functions
+    proc = subprocess.run([sys.executable, "-m", "export", "serve", *dirs, "--grpc-port", "9001", "--print-config"],
+                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    config = ServeDeploySchema.model_validate(yaml.safe_load(proc.stdout))
+    assert config.grpc_options.port == 9001
+    assert config.grpc_options.grpc_servicer_functions == ["export.serving.grpc_oip.add_inference_service"]
 
 
 def test_triton_repository_of_several_directories(models, tmp_path):

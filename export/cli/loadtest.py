@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Sequence
 
 from export.cli.options import check_option
-from export.serving.loadtest import PROTOCOLS, parse_input_shape, run_load
+from export.serving.loadtest import PROTOCOLS, cpu_ms_per_request, parse_input_shape, process_cpu_s, run_load
 from export.store.atomic import write_json
 
 
@@ -36,6 +36,9 @@ def loadtest_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout-s", type=float, default=30.0, help="per request (default: %(default)s)")
     p.add_argument("--duration-s", type=float, default=600.0,
                    help="stop sending after this long (default: %(default)s)")
+    p.add_argument("--server-pid", type=int, default=None,
+                   help="pid of the `serve` command on this machine: report the CPU milliseconds per request of "
+                        "each of its processes (proxy, ingress, replicas) during the load")
     p.add_argument("--json", type=Path, help="write the report here")
     return p
 
@@ -59,10 +62,14 @@ def run_loadtest(argv: Sequence[str]) -> int:
             shape = parse_input_shape(ns.input_shape)
         except ValueError:
             check_option("--input-shape", repr(ns.input_shape), False, "positive integers like 3,224,224")
+    before = process_cpu_s(ns.server_pid) if ns.server_pid is not None else None
     result = asyncio.run(run_load(ns.url, ns.model, ns.requests, ns.concurrency, ns.batch, ns.timeout_s,
                                   ns.duration_s, ns.returnt, binary=not ns.json_tensors, progress=True,
                                   protocol=ns.protocol, input_shape=shape))
     report = {"url": ns.url, "model": ns.model, "concurrency": ns.concurrency, **result.report()}
+    if before is not None:
+        report["server_cpu_ms_per_request"] = cpu_ms_per_request(before, process_cpu_s(ns.server_pid),
+                                                                 result.sent)
     print(json.dumps(report, indent=2))
     if ns.json:
         write_json(ns.json, report)

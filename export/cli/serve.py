@@ -76,6 +76,9 @@ def check_options(ns: argparse.Namespace) -> None:
     check_option("--grpc-port", ns.grpc_port, ns.grpc_port is None or (0 < ns.grpc_port < 65536
                                                                        and ns.grpc_port != ns.port),
                  "1-65535, not the HTTP --port")
+    if ns.haproxy and ns.grpc_port is not None:
+        raise ExportError("--haproxy with --grpc-port: Ray Serve 2.60 in HAProxy mode does not start its proxies "
+                          "when gRPC is on (\"Proxies not available after 60s\"); use one of the two")
     if ns.haproxy and ns.address is not None:
         raise ExportError("--haproxy applies to a local Ray instance; on a cluster set RAY_SERVE_ENABLE_HA_PROXY=1 "
                           "in its environment")
