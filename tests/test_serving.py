@@ -404,11 +404,19 @@ def test_tampered_directory_refuses_to_start(models, tmp_path):
     (["--haproxy", "--grpc-port", "9001"], "use one of the two"),
     (["--grpc-port", "8000"], "--grpc-port 8000 is not allowed; expected 1-65535, not the HTTP --port"),
 ])
-def test_bad_serve_options_are_one_line(models, args, fragment):
+def test_bad_serve_options_are_one_line(models, args, fragment, capsys):
+    """Through the command's entry point in this process (the first case as a real command):
+    refused before Ray starts, one line, exit status 2."""
+    from export.cli import main
+
     _, directory = models["mnistmlp"]
-    proc = subprocess.run([sys.executable, "-m", "export", "serve", str(directory), *args],
-                          cwd=REPO, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and fragment in proc.stderr, proc.stderr
+    if args == ["--replicas", "0"]:
+        proc = subprocess.run([sys.executable, "-m", "export", "serve", str(directory), *args],
+                              cwd=REPO, capture_output=True, text=True, timeout=120)
+        code, err = proc.returncode, proc.stderr
+    else:
+        code, err = main(["serve", str(directory), *args]), capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and fragment in err, err
 
 
 def test_print_config_is_a_serve_deploy_config(models):
@@ -466,6 +474,20 @@ def test_the_batch_function_splits_mixed_requests_back(models):
             assert_within_bound(g, w)
 
 
+_IMAGENET: dict = {}
+
+
+def _imagenet_batch(net, batch: int):
+    """(float64 values with two decimals, the same as float32, eager 'both' outputs) of a
+    3x224x224 batch, made once per size for the HTTP, JSON and gRPC tests."""
+    if batch not in _IMAGENET:
+        # two decimals keep the JSON body compact (their float64 repr is short)
+        x64 = np.round(_x((3, 224, 224), batch, seed=batch).astype(np.float64), 2)
+        x = x64.astype(np.float32)
+        _IMAGENET[batch] = (x64, x, _eager(net, x, "both"))
+    return _IMAGENET[batch]
+
+
 def _post_binary(server, model: str, x: np.ndarray, outputs, timeout: float = 120.0):
     """tritonclient.http's request and parser (binary tensors both ways)."""
     import tritonclient.http as th
@@ -484,9 +506,7 @@ def test_imagenet_size_requests_pass_every_hop(server, models, batch, tensors):
     import httpx
 
     net, _ = models["resnet18"]
-    # values with two decimals keep the JSON body compact (their float64 repr is short)
-    x64 = np.round(_x((3, 224, 224), batch, seed=batch).astype(np.float64), 2)
-    x = x64.astype(np.float32)
+    x64, x, want = _imagenet_batch(net, batch)
     if tensors == "binary":
         got = _post_binary(server, "resnet18", x, ["logits", "features"])
         outs = [got.as_numpy("logits"), got.as_numpy("features")]
@@ -498,8 +518,8 @@ def test_imagenet_size_requests_pass_every_hop(server, models, batch, tensors):
         resp = httpx.post(f"{server.url}/v2/models/resnet18/infer", content=content, timeout=120.0)
         assert resp.status_code == 200, resp.text[:300]
         outs = [np.asarray(o["data"], np.float32).reshape(o["shape"]) for o in resp.json()["outputs"]]
-    for got, want in zip(outs, _eager(net, x, "both")):
-        assert_within_bound(got, want)
+    for got, w in zip(outs, want):
+        assert_within_bound(got, w)
 
 
 def test_a_request_just_under_the_limit_is_served_and_one_byte_over_is_413(server, models):
@@ -518,19 +538,19 @@ def test_a_request_just_under_the_limit_is_served_and_one_byte_over_is_413(serve
 
 
 def test_generated_mutations_never_get_a_5xx(server):
-    """1,200 seeded variants of valid requests (types swapped, keys dropped and added, shapes and
-    datatypes changed, bytes truncated and flipped, lying headers), 16 at a time: every answer
+    """1,000 seeded variants of valid requests (types swapped, keys dropped and added, shapes and
+    datatypes changed, bytes truncated and flipped, lying headers), 32 at a time: every answer
     is 200, or 4xx with one line of JSON naming the problem; then the server still serves."""
     import httpx
 
     from tests.mutations import variants
 
-    cases = variants([1, 1, 28, 28], 1200, seed=2026)
+    cases = variants([1, 1, 28, 28], 1000, seed=2026)
     answers: list = [None] * len(cases)
 
     async def run():
         async with httpx.AsyncClient(base_url=server.url, timeout=TIMEOUT_S) as client:
-            sem = asyncio.Semaphore(16)
+            sem = asyncio.Semaphore(32)
 
             async def one(i, body, headers):
                 async with sem:
@@ -548,7 +568,7 @@ def test_generated_mutations_never_get_a_5xx(server):
             text = content.decode()
             assert ctype == "application/json" and "\n" not in text.strip(), (what, text)
             assert json.loads(text)["error"], (what, text)
-    assert statuses.get(200, 0) > 0 and sum(v for k, v in statuses.items() if k != 200) > 600, statuses
+    assert statuses.get(200, 0) > 0 and sum(v for k, v in statuses.items() if k != 200) > 500, statuses
     ok = httpx.post(f"{server.url}{INFER}", json=_infer_body(), timeout=TIMEOUT_S)
     assert ok.status_code == 200, ok.text
 
@@ -597,11 +617,11 @@ def test_grpc_infer_matches_eager_in_every_mode(server, models, mode):
 def test_grpc_large_batch(server, models):
     tg, client = _grpc_client(server)
     net, _ = models["resnet18"]
-    x = _x((3, 224, 224), 32, seed=4)
+    _, x, want = _imagenet_batch(net, 32)
     inp = tg.InferInput("x", list(x.shape), "FP32")
     inp.set_data_from_numpy(x)
     result = client.infer("resnet18", [inp], outputs=[tg.InferRequestedOutput("logits")], client_timeout=120)
-    assert_within_bound(result.as_numpy("logits"), _eager(net, x, "out")[0])
+    assert_within_bound(result.as_numpy("logits"), want[0])
 
 
 @pytest.mark.parametrize("case, code, fragment", [
