@@ -671,3 +671,27 @@ def test_loadtest_over_both_protocols(server, models, protocol):
                                   protocol=protocol,
                                   expected=dict(zip(["logits", "features"], _eager(net, x, "both")))))
     assert not result.errors and result.wrong == 0 and len(result.latencies_s) == 40, result.report()
+
+
+def test_a_replica_starts_only_on_the_directory_serve_checked(models, tmp_path):
+    """The pin `serve` gives each replica and the ingress: a directory changed since (a
+    re-export, `params write`) is refused at (re)start in one line, so replicas never answer
+    with different weights under one model version; the checked directory starts."""
+    from export.errors import ExportError
+    from export.serving.app import Backbone, OipIngress
+    from export.serving.config import manifest_sha256
+
+    _, directory = models["mnistmlp"]
+    pinned = manifest_sha256(directory)
+    replica = Backbone.func_or_class(str(directory), manifest_sha256=pinned)
+    assert replica.net.manifest.backbone.name == "mnistmlp"
+    changed = tmp_path / "mnistmlp"
+    shutil.copytree(directory, changed)
+    manifest = json.loads((changed / "manifest.json").read_text())
+    manifest["source"] = {**manifest.get("source", {}), "note": "re-exported"}
+    (changed / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ExportError, match=r"changed since `serve` checked it .*restart serve") as err:
+        Backbone.func_or_class(str(changed), manifest_sha256=pinned)
+    assert "\n" not in str(err.value)
+    with pytest.raises(ExportError, match="changed since"):
+        OipIngress.func_or_class([str(changed)], manifest_sha256s=[pinned])

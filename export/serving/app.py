@@ -27,7 +27,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from export.serving import grpc_oip
-from export.serving.config import MESSAGE_SIZE_ENV
+from export.serving.config import MESSAGE_SIZE_ENV, check_pinned
 from export.serving.oip import (
     MODEL_VERSION,
     InferRequest,
@@ -75,11 +75,16 @@ class Backbone:
     event loop keeps accepting (and batching) requests while a batch runs."""
 
     def __init__(self, directory: str, engine: str = "onnxruntime", precision: str = "fp32",
-                 threads: int = 1, max_batch_size: int = 32, batch_wait_ms: float = 10.0) -> None:
+                 threads: int = 1, max_batch_size: int = 32, batch_wait_ms: float = 10.0,
+                 manifest_sha256: Optional[str] = None) -> None:
         from export.runtime import load
 
+        if manifest_sha256 is not None:
+            check_pinned(Path(directory), manifest_sha256)
         # the proxy and ingress need the same cores between batches: no busy-waiting threads
         self.net = load(directory, engine=engine, precision=precision, threads=threads, spin_wait=False)
+        if manifest_sha256 is not None:  # and not swapped while the files were read
+            check_pinned(Path(directory), manifest_sha256)
         for mode in self.net.modes:  # sessions made now, not on the first request
             self.net(np.zeros((1,) + tuple(self.net.input_shape), np.float32), returnt=mode)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="inference")
@@ -134,9 +139,12 @@ class OipIngress:
     client as 503 / UNAVAILABLE from here, where Ray's proxy would answer 500."""
 
     def __init__(self, directories: List[str], engine: str = "onnxruntime", precision: str = "fp32",
-                 max_request_bytes: int = 64 << 20, request_timeout_s: float = 30.0) -> None:
+                 max_request_bytes: int = 64 << 20, request_timeout_s: float = 30.0,
+                 manifest_sha256s: Optional[List[str]] = None) -> None:
         self.specs: Dict[str, ModelSpec] = {}
-        for d in directories:
+        for i, d in enumerate(directories):
+            if manifest_sha256s is not None:
+                check_pinned(Path(d), manifest_sha256s[i])
             manifest = read_manifest(Path(d))
             spec = ModelSpec.from_manifest(manifest, (Path(d) / MANIFEST).read_bytes(), engine, precision)
             self.specs[spec.name] = spec
@@ -255,7 +263,8 @@ class OipIngress:
 
 def backbone_app(args: Dict[str, Any]):
     """Application builder (`import_path: export.serving.app:backbone_app` in a Serve config): args
-    directory, engine, precision, threads, max_batch_size, batch_wait_ms, replicas."""
+    directory, engine, precision, threads, max_batch_size, batch_wait_ms, replicas and
+    manifest_sha256 (replicas start only on that manifest)."""
     args = dict(args)
     replicas = int(args.pop("replicas", 1))
     threads = int(args.get("threads", 1))
@@ -269,7 +278,7 @@ def backbone_app(args: Dict[str, Any]):
 
 def oip_app(args: Dict[str, Any]):
     """Application builder for the HTTP ingress: args directories, engine, precision,
-    max_request_bytes, request_timeout_s."""
+    max_request_bytes, request_timeout_s and manifest_sha256s (one per directory)."""
     return OipIngress.options(
         ray_actor_options={"num_cpus": 0, "runtime_env": {"env_vars": dict(MESSAGE_SIZE_ENV)}}).bind(**args)
 

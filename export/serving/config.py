@@ -9,6 +9,7 @@ from typing import Any, Dict, List, Sequence
 from export.errors import ExportError
 from export.runtime import load
 from export.serving.oip import ROUTER_APP
+from export.store.manifest import MANIFEST, sha256_bytes
 
 #: Ray Serve's direct gRPC between deployments stops at 4 MB per message unless told otherwise
 #: (a batch of 7 images of 3x224x224 is 4.2 MB); gRPC's own ceiling is 2 GiB - 1. Ray reads it
@@ -31,15 +32,31 @@ def check_directories(directories: Sequence[Path], engine: str, precision: str) 
     return names
 
 
+def manifest_sha256(directory: Path) -> str:
+    return sha256_bytes((Path(directory) / MANIFEST).read_bytes())
+
+
+def check_pinned(directory: Path, pinned: str) -> None:
+    """A replica or ingress starts only on the directory `serve` checked: one changed since
+    (`params write` into a served directory, a re-export) would make a restarted replica answer
+    with other weights than its siblings under the same model version."""
+    now = manifest_sha256(directory)
+    if now != pinned:
+        raise ExportError(f"{directory} changed since `serve` checked it (manifest sha256 {now[:12]}..., "
+                          f"served {pinned[:12]}...); a replica does not start on other weights: restart "
+                          "serve to serve the new ones")
+
+
 def app_args(ns: argparse.Namespace, directory: Path) -> Dict[str, Any]:
     return {"directory": str(directory), "engine": ns.engine, "precision": ns.precision,
             "threads": ns.threads, "max_batch_size": ns.max_batch_size, "batch_wait_ms": ns.batch_wait_ms,
-            "replicas": ns.replicas}
+            "replicas": ns.replicas, "manifest_sha256": manifest_sha256(directory)}
 
 
 def router_args(ns: argparse.Namespace, directories: List[Path]) -> Dict[str, Any]:
     return {"directories": [str(d) for d in directories], "engine": ns.engine, "precision": ns.precision,
-            "max_request_bytes": int(ns.max_request_mb * (1 << 20)), "request_timeout_s": ns.request_timeout_s}
+            "max_request_bytes": int(ns.max_request_mb * (1 << 20)), "request_timeout_s": ns.request_timeout_s,
+            "manifest_sha256s": [manifest_sha256(d) for d in directories]}
 
 
 def serve_config(ns: argparse.Namespace, models: Dict[str, Path]) -> Dict[str, Any]:
