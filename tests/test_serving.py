@@ -695,3 +695,47 @@ def test_a_replica_starts_only_on_the_directory_serve_checked(models, tmp_path):
     assert "\n" not in str(err.value)
     with pytest.raises(ExportError, match="changed since"):
         OipIngress.func_or_class([str(changed)], manifest_sha256s=[pinned])
+
+
+def test_a_restarted_replica_never_serves_a_directory_changed_under_it(server, ray_driver, models):
+    """What issue 22 measured on the old server: new weights exported into a served directory,
+    then one replica killed (as a crash would). Every answer still comes from the weights
+    `serve` started with (the replacement refuses the changed manifest); none from the new.
+    Last in the module: it changes the served directory (restored after)."""
+    from ray import serve
+
+    from export.serving.loadtest import run_load
+
+    net, directory = models["mnistmlp"]
+    x = _x(net.input_shape, 1, seed=12)
+    old = {"logits": _eager(net, x, "out")[0]}
+    backup = directory.parent / "mnistmlp.backup"
+    shutil.copytree(directory, backup)
+    changed = build_small("mnistmlp")[0]
+    with torch.no_grad():
+        changed.set_params(changed.get_params() * 0.5)
+    assert not np.allclose(_eager(changed, x, "out")[0], old["logits"])
+    try:
+        export_backbone(changed, directory, input_shape=net.input_shape, formats=("onnx",))
+        handle = serve.get_app_handle("mnistmlp")
+        victim = handle.replica_info.remote().result(timeout_s=TIMEOUT_S)["actor_name"]
+        ray_driver.kill(ray_driver.get_actor(victim, namespace="serve"), no_restart=True)
+        def backbone_status():
+            return serve.status().applications["mnistmlp"].deployments["Backbone"]
+
+        deadline = time.monotonic() + 60
+        while backbone_status().replica_states == {"RUNNING": 2} and time.monotonic() < deadline:
+            time.sleep(0.2)  # until the controller has noticed the kill
+        # then until the replacement has started (the bug) or has refused the changed directory
+        while time.monotonic() < deadline:
+            status = backbone_status()
+            if status.replica_states.get("RUNNING", 0) == 2 or "changed since" in status.message:
+                break
+            time.sleep(0.5)
+        assert "changed since `serve` checked it" in status.message, (status.replica_states, status.message)
+        result = asyncio.run(run_load(server.url, "mnistmlp", 80, 8, timeout_s=TIMEOUT_S, expected=old, x=x))
+        assert result.wrong == 0 and set(result.errors) <= {"503"}, result.report()
+        assert len(result.latencies_s) >= 70, result.report()
+    finally:
+        shutil.rmtree(directory)
+        shutil.move(str(backup), str(directory))
