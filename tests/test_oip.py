@@ -9,6 +9,7 @@ import pytest
 import tritonclient.http as th
 
 from export.serving.oip import (
+    HEADER_LENGTH,
     MAX_JSON_DEPTH,
     ModelSpec,
     RequestError,
@@ -17,8 +18,6 @@ from export.serving.oip import (
     parse_infer_request,
 )
 from export.store.manifest import parse_manifest
-
-HEADER_LENGTH = "Inference-Header-Content-Length"
 
 
 def encode_infer_request(name, x, outputs=(), returnt=None, binary=True):

@@ -19,10 +19,10 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from export.errors import ExportError
+from export.serving.oip import HEADER_LENGTH
 from export.store.tolerance import error_stats  # the export's own bound
 
 PROTOCOLS = ("http", "grpc")
-HEADER_LENGTH = "Inference-Header-Content-Length"
 
 
 @dataclass
