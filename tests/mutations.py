@@ -7,7 +7,8 @@ import json
 import random
 from typing import Any, Dict, Iterator, List, Tuple
 
-HEADER_LENGTH = "Inference-Header-Content-Length"
+from export.serving.oip import HEADER_LENGTH
+
 ODD_VALUES: List[Any] = [None, 0, -1, 1.5, True, "", "x", "FP32", [], [1], [[1]], {}, {"name": "x"},
                          2 ** 63, -(2 ** 70), 1e308, "\u00e9\u0000", [None], ["a"]]
 DATATYPES = ["FP16", "FP64", "INT8", "BYTES", "fp32", "", "BOOL"]

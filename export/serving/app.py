@@ -1,6 +1,7 @@
 """Ray Serve applications for export directories: one `Backbone` application per directory
 (named after its backbone, replicas with dynamic batching, the Python handle API) and one `oip`
-application that speaks the Open Inference Protocol over HTTP and forwards to them.
+application that speaks the Open Inference Protocol over HTTP and gRPC (KServe v2) and forwards
+to them.
 
     from ray import serve
     handle = serve.get_app_handle("resnet")
