@@ -13,6 +13,9 @@ Ray, bench OpenVINO). The library (`export.pipeline`, `export.runtime`, ...) nev
     python -m export serve artifacts/resnet            # Ray Serve, Open Inference Protocol (KServe v2)
     python -m export loadtest http://127.0.0.1:8000 --model resnet   # bounded load on a server
     python -m export triton artifacts/resnet --repo triton-repo      # Triton model repository
+    python -m export publish artifacts/resnet run_0.pt run_1.pt      # weight versions, verified
+    python -m export versions artifacts/resnet [--keep 3]            # list / prune them
+    python -m export rollout artifacts/resnet --version 2            # move a running deployment
 
 `python -m export BACKBONE --help` lists that backbone's own arguments.
 """
@@ -25,7 +28,8 @@ from export.errors import ExportError
 from zoo.weights import CheckpointError
 
 #: subcommand -> its module under export.cli, with a run_<subcommand>(argv)
-SUBCOMMANDS = ("verify", "params", "quantize", "accuracy", "bench", "serve", "loadtest", "triton")
+SUBCOMMANDS = ("verify", "params", "quantize", "accuracy", "bench", "serve", "loadtest", "triton", "publish",
+               "versions", "rollout")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -7,7 +7,9 @@ from pathlib import Path
 from typing import Sequence
 
 from export.errors import IntegrityError, ParamsError
+from export.pipeline.publish import check_versions
 from export.pipeline.verify import VerifyError, verify_directory
+from export.store.manifest import read_manifest
 from export.tools.tables import format_table
 
 
@@ -17,13 +19,16 @@ def run_verify(argv: Sequence[str]) -> int:
                                      "file, the flat-parameter layout, then eager vs every "
                                      "artifact (TorchScript, onnxruntime, torch.export program, "
                                      "AOTInductor package) on fresh inputs, and the flat "
-                                     "parameters each holds. Exit 1 on any mismatch.")
+                                     "parameters each holds; then every published weight "
+                                     "version (its files' sha256, every file with its weights "
+                                     "against eager). Exit 1 on any mismatch.")
     parser.add_argument("directory", type=Path)
     parser.add_argument("--seed", type=int, default=1, help="seed of the fresh inputs")
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args(argv)
     try:
         report = verify_directory(args.directory, args.seed, args.device)
+        report.rows += check_versions(args.directory, read_manifest(args.directory), args.device, args.seed)
     except (VerifyError, IntegrityError, ParamsError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

@@ -23,7 +23,7 @@ from torch import Tensor
 
 from export.errors import ExportError, ParamsError
 from export.formats.base import Format, Layout, Source, used_parameters
-from export.store.flat_vector import check_params_vector, layout_names
+from export.store.flat_vector import Buffers, check_params_vector, layout_names, prefixed_buffers
 from export.store.manifest import ARTIFACT_SUFFIX, ProgramInfo
 from export.store.tolerance import compare, failed_stats
 
@@ -153,20 +153,27 @@ def replaceable_weights(program: torch.export.ExportedProgram, package_bytes: by
     return used_parameters(program) <= fqns
 
 
+def package_state(vector: Tensor, layout, buffers: Optional[Buffers] = None) -> Dict[str, Tensor]:
+    """Every name a package may give a parameter or buffer -> its value (a package holds only
+    those its mode reads; `load_constants` is given the ones it has)."""
+    constants = {name: value for name, value in prefixed_buffers(buffers).items()}
+    for e in layout:
+        value = vector[e.offset:e.offset + e.length].view(e.shape)
+        for fqn in layout_names(e):
+            constants[fqn] = value
+    return constants
+
+
 def set_package_params(model, vector: Tensor, layout, allow_nonfinite: bool = False,
-                       name: str = "package") -> None:
-    """Replace the parameters of a loaded package in memory (`load_constants`, no recompiling);
-    the parameters its mode does not read are not in it and are skipped."""
+                       name: str = "package", buffers: Optional[Buffers] = None) -> None:
+    """Replace the parameters (and `buffers`, eager names) of a loaded package in memory
+    (`load_constants`, no recompiling); those its mode does not read are not in it and are skipped."""
     check_params_vector(vector, layout, allow_nonfinite)
     fqns = set(model.get_constant_fqns())
     key = model.get_metadata().get("AOTI_DEVICE_KEY", "cpu")  # the device it was compiled for
     device = torch.device("cuda" if key.startswith("cuda") else "cpu")
-    constants = {}
-    for e in layout:
-        value = vector[e.offset:e.offset + e.length].view(e.shape)
-        for fqn in layout_names(e):
-            if fqn in fqns:
-                constants[fqn] = value.clone().to(device)
+    constants = {fqn: value.clone().to(device) for fqn, value in package_state(vector, layout, buffers).items()
+                 if fqn in fqns}
     model.load_constants(constants, check_full_update=False)
 
 
@@ -211,8 +218,11 @@ _FRESH = """
 import sys, torch
 jobs = torch.load(sys.argv[1], weights_only=True)
 results = []
-for path, inputs in jobs:
+for path, inputs, constants in jobs:
     model = torch._inductor.aoti_load_package(path)
+    if constants:
+        held = set(model.get_constant_fqns())
+        model.load_constants({k: v for k, v in constants.items() if k in held}, check_full_update=False)
     outs = []
     for x in inputs:
         out = model(x)
@@ -222,12 +232,15 @@ torch.save(results, sys.argv[2])
 """
 
 
-def verify_fresh(jobs: List[tuple], device: str) -> List[Dict[str, dict]]:
+def verify_fresh(jobs: List[tuple], device: str,
+                 constants: Optional[Dict[str, Tensor]] = None) -> List[Dict[str, dict]]:
     """Verify packages in a fresh Python (`-I`: no zoo, no state of the process that compiled
-    them): jobs of (path, output names, inputs, expected), one child for all."""
+    them): jobs of (path, output names, inputs, expected), one child for all. `constants`
+    (`package_state`: a published version's weights) are loaded into each package first."""
+    held = {k: v.to(device) for k, v in (constants or {}).items()}
     with tempfile.TemporaryDirectory(prefix="aoti-verify-") as tmp:
         request, reply = Path(tmp) / "jobs.pt", Path(tmp) / "outputs.pt"
-        torch.save([(str(path), [x.to(device) for x in inputs]) for path, _, inputs, _ in jobs], request)
+        torch.save([(str(path), [x.to(device) for x in inputs], held) for path, _, inputs, _ in jobs], request)
         proc = subprocess.run([sys.executable, "-I", "-c", _FRESH, str(request), str(reply)],
                               capture_output=True, text=True)
         if proc.returncode != 0:

@@ -23,13 +23,13 @@ from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Sequence
 import numpy as np
 import onnx
 import torch
-from onnx import numpy_helper
+from onnx import helper, numpy_helper
 from torch import Tensor
 
 from export.errors import ExportError, ParamsError
 from export.formats.base import Format, Layout, Source
 from export.store.atomic import atomic_path
-from export.store.flat_vector import check_params_vector, checked_layout
+from export.store.flat_vector import Buffers, check_params_vector, checked_layout, prefixed_buffers
 from export.store.manifest import ARTIFACT_SUFFIX, SHARED_WEIGHTS, Manifest, read_manifest, refuse_export_file
 from zoo.base import MammothBackbone, backbone_name, mode_outputs
 from zoo.heads import BACKBONE_PREFIX, parameter_aliases
@@ -357,8 +357,10 @@ def read_onnx_params(path: Path, manifest: Optional[Manifest] = None) -> Tensor:
 
 
 def set_model_params(model: onnx.ModelProto, vector: Tensor, layout, path="model",
-                     allow_nonfinite: bool = False) -> onnx.ModelProto:
-    """Write `vector` into the initializers of `model` (in place), validated first."""
+                     allow_nonfinite: bool = False, buffers: Optional[Buffers] = None) -> onnx.ModelProto:
+    """Write `vector` into the initializers of `model` (in place), validated first, and
+    `buffers` (eager names) into the initializers that hold them (BatchNorm's running
+    statistics; a buffer the graph does not read has none)."""
     check_params_vector(vector, layout, allow_nonfinite)
     inits = _initializers(model, layout, path)
     array = vector.detach().cpu().numpy()
@@ -367,6 +369,15 @@ def set_model_params(model: onnx.ModelProto, vector: Tensor, layout, path="model
         old = inits[e.onnx_name]
         chunk = array[e.offset:e.offset + e.length].reshape(e.shape)
         replacements.append((old, numpy_helper.from_array(chunk.astype(np.float32), old.name)))
+    for name, value in prefixed_buffers(buffers).items():
+        old = inits.get(name)
+        if old is None:
+            continue
+        dtype = helper.tensor_dtype_to_np_dtype(old.data_type)
+        if list(old.dims) != list(value.shape) or not np.issubdtype(dtype, np.floating):
+            raise ParamsError(f"{path}: initializer {name} {list(old.dims)} does not hold buffer "
+                              f"{name[len(BACKBONE_PREFIX):]} {list(value.shape)}")
+        replacements.append((old, numpy_helper.from_array(value.numpy().astype(dtype), old.name)))
     for old, new in replacements:  # all validated and converted: now change the model
         old.CopyFrom(new)
     return model

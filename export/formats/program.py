@@ -15,7 +15,7 @@ from torch import Tensor
 from export.errors import ParamsError
 from export.formats.base import Format, Layout, Source, used_parameters
 from export.store.atomic import atomic_path
-from export.store.flat_vector import check_params_vector, layout_names
+from export.store.flat_vector import Buffers, check_params_vector, layout_names, prefixed_buffers
 from export.store.manifest import ARTIFACT_SUFFIX, refuse_export_file
 
 
@@ -72,15 +72,21 @@ def program_params(program: torch.export.ExportedProgram, layout, path="program"
 
 
 def set_program_params(program: torch.export.ExportedProgram, vector: Tensor, layout,
-                       path="program", allow_nonfinite: bool = False) -> None:
+                       path="program", allow_nonfinite: bool = False, buffers: Optional[Buffers] = None) -> None:
     """Write `vector` into the program's parameters (every name each one has) in place,
-    checked first; modules made with `program.module()` afterwards use it."""
+    checked first, and `buffers` (eager names) into the buffers it holds; modules made with
+    `program.module()` afterwards use them."""
     check_params_vector(vector, layout, allow_nonfinite)
     state = _state(program, layout, path)
+    held = {**program.constants, **program.state_dict}
     with torch.no_grad():
         for e in layout:
             for t in state[e.name]:
                 t.copy_(vector[e.offset:e.offset + e.length].view(t.shape).to(t.device))
+        for name, value in prefixed_buffers(buffers).items():
+            target = held.get(name)
+            if isinstance(target, Tensor) and target.is_floating_point():
+                target.copy_(value.reshape(target.shape).to(target.device))
 
 
 def write_program_params(path: Path, vector: Tensor, out: Path, layout,

@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from export.errors import ParamsError
 from export.formats.base import Format, Layout, Source
 from export.store.atomic import atomic_path
-from export.store.flat_vector import check_params_vector
+from export.store.flat_vector import Buffers, check_params_vector, prefixed_buffers
 from export.store.manifest import ARTIFACT_SUFFIX, refuse_export_file
 
 
@@ -84,6 +84,21 @@ def _write(head: nn.Module, path: Path) -> Optional[Dict[str, Any]]:
 def _load(source: Source, device: str = "cpu") -> Callable[[Tensor], Any]:
     module = load_torchscript(source, device)
     return lambda x: module(x.to(device))
+
+
+def set_module_state(module: torch.jit.ScriptModule, vector: Tensor, buffers: Optional[Buffers] = None) -> None:
+    """`vector` through the module's own `set_params`, and the buffers it holds (BatchNorm's
+    running statistics) copied in place; buffers it does not hold are not read by it."""
+    module.set_params(vector.detach().cpu().to(_device_of(module)))
+    wanted = prefixed_buffers(buffers)
+    with torch.no_grad():
+        for name, buf in module.named_buffers():
+            if name in wanted and buf.is_floating_point():
+                buf.copy_(wanted[name].reshape(buf.shape))
+
+
+def _device_of(module: torch.jit.ScriptModule) -> torch.device:
+    return next(iter(module.parameters()), torch.empty(0)).device
 
 
 def _read_params(path: Path, layout: Layout) -> Tensor:

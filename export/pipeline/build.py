@@ -223,6 +223,7 @@ def export_backbone(
         raise ExportError(f"the weights have {problem}: nothing to export (a diverged run?)")
     net = net.to(device).eval()
     shape = check_input_shape(net, tuple(input_shape or net.input_shape))
+    _refuse_versioned(Path(out_dir))
     with DirectoryTransaction(Path(out_dir)) as tx:
         result = _write_verified_set(net, tx.staging, modes, formats, shape, opset, device, source,
                                      preprocessing, onnx_weights, aoti_batches)
@@ -230,6 +231,21 @@ def export_backbone(
             tx.commit()
     result.directory = Path(out_dir)
     return result
+
+
+def _refuse_versioned(out_dir: Path) -> None:
+    """An export replaces a directory whole: one with published weight versions (tied to its
+    graphs) is not replaced by a new export."""
+    from export.store.manifest import MANIFEST, read_manifest
+    from export.store.versions import refuse_if_versions
+
+    if (out_dir / MANIFEST).is_file():
+        try:
+            manifest = read_manifest(out_dir)
+        except ExportError:
+            return  # not a manifest this tool can read: the transaction decides
+        refuse_if_versions(out_dir, manifest, "a new export would drop them; export into another "
+                           "directory (--out/--name), or remove this one first")
 
 
 def _write_verified_set(net: MammothBackbone, out_dir: Path, modes: Sequence[str],

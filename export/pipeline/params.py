@@ -22,6 +22,7 @@ from export.store.atomic import TMP_SUFFIX
 from export.store.flat_vector import check_params_vector, checked_layout
 from export.store.manifest import SHARED_WEIGHTS, Manifest, check_files, file_entry
 from export.store.transaction import manifest_update
+from export.store.versions import refuse_if_versions
 
 TENSOR_SUFFIXES = (".npy", ".pt", ".pth", ".safetensors")
 
@@ -87,6 +88,8 @@ def rewrite_shared_params(directory: Path, vector: Tensor, allow_nonfinite: bool
 
     directory = Path(directory)
     with manifest_update(directory) as (staging, manifest):
+        refuse_if_versions(directory, manifest, "its weights change by publishing a new version "
+                           "(python -m export publish DIR CHECKPOINT), never in place")
         if manifest.onnx_weights != "shared":
             raise ParamsError(f"{directory}: its ONNX files hold their own weights (exported "
                               "without --onnx-weights shared); write a new file with --out")

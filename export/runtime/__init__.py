@@ -29,7 +29,7 @@ __all__ = ["load", "available_pairs", "check_engine", "ENGINES", "OnnxBackbone",
 
 def load(directory: Union[str, Path], engine: str = "onnxruntime", precision: str = "fp32",
          threads: Optional[int] = None, device: str = "cpu", verify_hashes: bool = True,
-         spin_wait: bool = True) -> RuntimeBackbone:
+         spin_wait: bool = True, version: Union[int, str, None] = None) -> RuntimeBackbone:
     """An export directory as a backbone with the `returnt` API, run by `engine`.
 
     Args:
@@ -46,18 +46,26 @@ def load(directory: Union[str, Path], engine: str = "onnxruntime", precision: st
         spin_wait: onnxruntime's threads busy-wait between calls (its default, fastest alone on
             the cores); False where other processes share the cores (the `serve` replicas).
             The other engines have no such switch and ignore it.
+        version: a published weight version (`python -m export publish`): its number, or
+            'latest'. Default: the newest version of a directory that has any, else the
+            export's own weights. The graphs are the export's; the version's weights are put in
+            when loaded (from bytes checked against its record), in memory.
     """
     check_engine(engine, precision)
     if engine == "onnxruntime":
-        return OnnxBackbone(directory, threads=threads, device=device, verify_hashes=verify_hashes,
-                            precision=precision, spin_wait=spin_wait)
-    if engine == "openvino":
+        net: RuntimeBackbone = OnnxBackbone(directory, threads=threads, device=device, verify_hashes=verify_hashes,
+                                            precision=precision, spin_wait=spin_wait)
+    elif engine == "openvino":
         from export.runtime.openvino_engine import OpenVinoBackbone
 
-        return OpenVinoBackbone(directory, precision=precision, threads=threads, verify_hashes=verify_hashes)
-    from export.runtime.torch_engines import TORCH_ENGINES
+        net = OpenVinoBackbone(directory, precision=precision, threads=threads, verify_hashes=verify_hashes)
+    else:
+        from export.runtime.torch_engines import TORCH_ENGINES
 
-    return TORCH_ENGINES[engine](directory, threads=threads, device=device, verify_hashes=verify_hashes)
+        net = TORCH_ENGINES[engine](directory, threads=threads, device=device, verify_hashes=verify_hashes)
+    if version is not None or net.manifest.weight_versions:
+        net.use_version(version)
+    return net
 
 
 def available_pairs(manifest: Manifest, mode: str = "out") -> List[Tuple[str, str]]:

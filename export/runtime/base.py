@@ -3,7 +3,7 @@
 torch out on the input's device)."""
 
 from pathlib import Path
-from typing import Any, Dict, List, Sequence, Tuple, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -43,6 +43,8 @@ class RuntimeBackbone:
         self.input_shape = tuple(self.manifest.input.shape[1:])
         self.dynamic_hw = self.manifest.dynamic_hw
         self.modes: List[str] = []
+        #: the published weight version in use (None: the export's own weights)
+        self.version: Optional[int] = None
 
     def _require(self, modes: Sequence[str], what: str, hint: str) -> None:
         """Set the modes this engine can run; refuse a directory without any of its files."""
@@ -60,8 +62,25 @@ class RuntimeBackbone:
                 else (self.directory / name).read_bytes())
 
     def __repr__(self) -> str:
+        version = f", version={self.version}" if self.version is not None else ""
         return (f"{type(self).__name__}({str(self.directory)!r}, "
-                f"backbone={self.manifest.backbone.name!r}, modes={self.modes})")
+                f"backbone={self.manifest.backbone.name!r}, modes={self.modes}{version})")
+
+    def use_version(self, version: Union[int, str, None]) -> None:
+        """Run with the weights of a published version (None: the newest), read from bytes
+        checked against its record, put into every mode's graph in memory."""
+        from export.store.versions import check_version, read_version_weights, resolve_version
+
+        record = resolve_version(self.manifest, self.directory, version)
+        if self.verify_hashes:
+            check_version(self.directory, self.manifest, record)
+        vector, buffers = read_version_weights(self.directory, record, self._layout())
+        self.set_weights(vector, buffers)
+        self.version = record.number
+
+    def set_weights(self, vector: Any, buffers: Dict[str, Any]) -> None:
+        """The flat vector and the floating buffers (eager names) of a version."""
+        raise ExportError(f"engine {self.engine!r} cannot run published weight versions")
 
     def output_names(self, mode: str) -> List[str]:
         return self.manifest.output_names(mode)

@@ -17,7 +17,7 @@ from export.formats.onnx import (
     set_model_params,
 )
 from export.runtime.base import RuntimeBackbone, check_engine
-from export.store.flat_vector import check_params_vector
+from export.store.flat_vector import check_buffers, check_params_vector
 from export.store.manifest import SHARED_WEIGHTS, artifact_name
 
 
@@ -56,6 +56,7 @@ class OnnxBackbone(RuntimeBackbone):
                              "providers": providers, "log_level": log_level, "spin_wait": spin_wait}
         self._sessions: Dict[str, Any] = {}
         self._params = None  # a flat vector set with set_params, else the files' own
+        self._buffers = None  # a version's floating buffers (BatchNorm statistics), else the files' own
         self._allow_nonfinite = False
 
     def _open_files(self, precision: str) -> None:
@@ -86,7 +87,7 @@ class OnnxBackbone(RuntimeBackbone):
         path = self.directory / artifact_name(mode, self.kind)
         if self._params is not None:
             model = set_model_params(self._model(mode), self._params, self._layout(), path,
-                                     self._allow_nonfinite)
+                                     self._allow_nonfinite, buffers=self._buffers)
             return model.SerializeToString()
         if self.shared_weights:
             return path
@@ -133,3 +134,11 @@ class OnnxBackbone(RuntimeBackbone):
         self._params = vector.detach().cpu().clone()
         self._allow_nonfinite = allow_nonfinite
         self._sessions.clear()
+
+    def set_weights(self, vector, buffers) -> None:
+        """A published version's weights: the flat vector and its floating buffers by eager
+        name, put into every mode's graph in memory (sessions rebuilt)."""
+        self._refuse_int8("a published weight version")
+        check_buffers(buffers)
+        self.set_params(vector)
+        self._buffers = dict(buffers)

@@ -20,9 +20,9 @@ from export.formats.aoti import (
     set_package_params,
 )
 from export.formats.program import load_program, program_params, set_program_params
-from export.formats.torchscript import load_torchscript
+from export.formats.torchscript import load_torchscript, set_module_state
 from export.runtime.base import RuntimeBackbone
-from export.store.flat_vector import check_params_vector
+from export.store.flat_vector import check_buffers, check_params_vector
 from export.store.manifest import artifact_name
 from zoo.base import RETURNT_MODES, unpack_outputs
 
@@ -37,6 +37,7 @@ class TorchBackbone(RuntimeBackbone):
         self.device = torch.device(device)
         self._loaded: Dict[Any, Any] = {}
         self._params: Optional[torch.Tensor] = None  # set with set_params, else the files' own
+        self._buffers: Optional[Dict[str, torch.Tensor]] = None  # a version's floating buffers
 
     @contextmanager
     def _threads(self) -> Iterator[None]:
@@ -76,6 +77,12 @@ class TorchBackbone(RuntimeBackbone):
         for key, loaded in self._loaded.items():
             self._apply_params(loaded, key)
 
+    def set_weights(self, vector: torch.Tensor, buffers: Dict[str, torch.Tensor]) -> None:
+        """A published version's weights: the flat vector and its floating buffers by eager name."""
+        check_buffers(buffers)
+        self._buffers = {k: v.detach().cpu() for k, v in buffers.items()}
+        self.set_params(vector)
+
     def _apply_params(self, loaded: Any, key: Any) -> None:
         raise NotImplementedError
 
@@ -109,7 +116,7 @@ class TorchScriptBackbone(_OneFilePerMode):
         return self._module(mode)
 
     def _apply_params(self, loaded, key) -> None:
-        loaded.set_params(self._params.to(self.device))
+        set_module_state(loaded, self._params, self._buffers)
 
     def get_params(self) -> torch.Tensor:
         if self._params is not None:
@@ -134,7 +141,8 @@ class ExportedBackbone(_OneFilePerMode):
         return entry[1]
 
     def _apply_params(self, loaded, key) -> None:
-        set_program_params(loaded[0], self._params, self._layout(), key, allow_nonfinite=True)
+        set_program_params(loaded[0], self._params, self._layout(), key, allow_nonfinite=True,
+                           buffers=self._buffers)
         loaded[1] = None  # module() copies the state: make it again
 
     def get_params(self) -> torch.Tensor:
@@ -185,7 +193,8 @@ class AotiBackbone(TorchBackbone):
         return self._package(self.packages[mode][None] if batch is None else self.package_name(mode, batch))
 
     def _apply_params(self, loaded, key) -> None:
-        set_package_params(loaded, self._params, self._layout(), allow_nonfinite=True, name=key)
+        set_package_params(loaded, self._params, self._layout(), allow_nonfinite=True, name=key,
+                           buffers=self._buffers)
 
     def set_params(self, vector: torch.Tensor, allow_nonfinite: bool = False) -> None:
         """Use `vector` as the parameters of every package (`load_constants`, no recompiling)."""

@@ -1,7 +1,7 @@
 """The flat parameter vector's layout (name, shape, offset, length per parameter, in eager
 `parameters()` order) and the checks every format's `set_params`/`params write` shares."""
 
-from typing import List
+from typing import Dict, List, Mapping, Optional
 
 import torch
 from torch import Tensor
@@ -43,3 +43,24 @@ def checked_layout(manifest: Manifest, where: object, onnx: bool = False) -> Lis
 def layout_names(entry: LayoutEntry) -> List[str]:
     """The names a layout entry's parameter has in torch.export programs and AOTInductor packages."""
     return list(entry.program_names or [BACKBONE_PREFIX + entry.name])
+
+
+#: eager buffer name -> value: the running statistics (BatchNorm's running_mean/var) and other
+#: floating buffers a version carries beside the flat parameter vector
+Buffers = Mapping[str, Tensor]
+
+
+def prefixed_buffers(buffers: Optional[Buffers]) -> Dict[str, Tensor]:
+    """The buffers under the names every format gives them (the head's `backbone.` prefix:
+    TorchScript attributes, program state, ONNX initializers, package constants)."""
+    return {BACKBONE_PREFIX + name: value.detach().cpu() for name, value in (buffers or {}).items()}
+
+
+def check_buffers(buffers: Optional[Buffers], allow_nonfinite: bool = False) -> None:
+    """Floating tensors, finite unless `allow_nonfinite`; one line naming the first bad one."""
+    for name, value in (buffers or {}).items():
+        if not isinstance(value, Tensor) or not value.is_floating_point():
+            raise ParamsError(f"buffer {name}: expected a floating-point tensor, got "
+                              f"{getattr(value, 'dtype', type(value).__name__)}")
+        if not allow_nonfinite and not bool(torch.isfinite(value).all()):
+            raise ParamsError(f"buffer {name}: has NaN/inf values")

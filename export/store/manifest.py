@@ -21,6 +21,8 @@ from export.store.atomic import atomic_write_bytes
 MANIFEST = "manifest.json"
 #: the one external-data file every mode's ONNX graph reads its parameters from (--onnx-weights shared)
 SHARED_WEIGHTS = "weights.onnx.data"
+#: the directory of published weight versions: versions/<n>/weights.safetensors
+VERSIONS_DIR = "versions"
 #: file name of each kind of artifact, after the mode: `out.pt`, `full.onnx`, `out.int8.onnx`
 ARTIFACT_SUFFIX = {"torchscript": ".pt", "onnx": ".onnx", "int8": ".int8.onnx", "exported": ".ep.pt2",
                    "aoti": ".aoti.pt2"}
@@ -120,6 +122,28 @@ class ProgramInfo(_Entry):
     metadata: Optional[Dict[str, Any]] = None
 
 
+class WeightVersion(_Entry):
+    """A published weight version (`python -m export publish`): the same graphs with the
+    weights of one checkpoint, stored in `versions/<number>/` and never changed afterwards."""
+
+    number: int = Field(ge=1)
+    #: file name (inside versions/<number>/) -> sha256 and size
+    files: Dict[str, FileEntry]
+    #: the checkpoint it came from: file name, sha256, kind (state_dict or mammoth)
+    checkpoint: Dict[str, Any] = {}
+    #: Mammoth's task index (from `<ckpt_name>_<task>.pt`) and the run's dataset and arguments
+    task: Optional[int] = None
+    dataset: Optional[str] = None
+    args: Dict[str, Any] = {}
+    published: str = ""
+    seconds: Optional[float] = None
+    #: file -> output -> max_abs, max_rel, ok (every file of the export, with these weights)
+    verification: Dict[str, Dict[str, Any]] = {}
+    max_abs: Optional[float] = None
+    #: Ed25519 signature of the version's record (`publish --sign-key`)
+    signature: Optional[Dict[str, str]] = None
+
+
 class Manifest(_Entry):
     """An export directory's manifest.json."""
 
@@ -147,6 +171,10 @@ class Manifest(_Entry):
     quantized: Dict[str, Dict[str, Any]] = {}
     #: top-1 per engine x precision (python -m export accuracy)
     accuracy: Optional[Dict[str, Any]] = None
+    #: published weight versions by number (python -m export publish); files in versions/<n>/
+    weight_versions: Dict[str, WeightVersion] = {}
+    #: versions `versions --keep` never prunes (python -m export versions --pin)
+    pinned_versions: List[int] = []
 
     # ---------------------------------------------------------------- what the directory holds
     def aoti_packages(self, mode: str) -> Dict[Optional[int], str]:
@@ -296,10 +324,15 @@ def parse_manifest(data: Any, where: object = MANIFEST) -> Manifest:
         key = ".".join(str(part) for part in first["loc"])
         raise ManifestError(f"{where}: {key or 'the manifest'}: {first['msg']} (not written by this tool, "
                             "or damaged)") from None
-    bad = [n for n in manifest.files if "/" in n or "\\" in n or n.startswith(".")]
+    names = list(manifest.files) + [n for v in manifest.weight_versions.values() for n in v.files]
+    bad = [n for n in names if "/" in n or "\\" in n or n.startswith(".")]
     if bad:
         raise ManifestError(f"{where}: bad files entry {bad[0]!r} (expected a plain file name "
                             "with sha256 and size)")
+    wrong = [k for k, v in manifest.weight_versions.items() if k != str(v.number)]
+    if wrong:
+        raise ManifestError(f"{where}: weight_versions entry {wrong[0]!r} holds version "
+                            f"{manifest.weight_versions[wrong[0]].number}")
     return manifest
 
 
@@ -342,6 +375,8 @@ def stray_files(directory: Path, manifest: Manifest) -> List[str]:
     """Files in the directory that the manifest does not list (temp files of a killed run,
     artifacts of an earlier export)."""
     listed = set(manifest.files) | {MANIFEST}
+    if manifest.weight_versions:
+        listed.add(VERSIONS_DIR)
     return sorted(p.name for p in Path(directory).iterdir() if p.name not in listed)
 
 

@@ -24,7 +24,7 @@ from typing import Iterator, Optional, Tuple, Type
 
 from export.errors import ExportError, LockedError
 from export.store.atomic import TMP_SUFFIX, _disk_full, _umask, check_writable_dir
-from export.store.manifest import MANIFEST, Manifest, read_manifest, write_manifest
+from export.store.manifest import MANIFEST, VERSIONS_DIR, Manifest, read_manifest, write_manifest
 
 log = logging.getLogger(__name__)
 
@@ -143,15 +143,9 @@ class DirectoryTransaction:
 
     def _link_existing(self) -> None:
         """Hard links, except for ONNX external-data files: onnx refuses to read one with more
-        than one link (its guard against hard-link attacks), so those are copied."""
-        for src in self.target.iterdir():
-            if src.is_file() and not src.name.endswith(TMP_SUFFIX):
-                try:
-                    if src.name.endswith(".data"):
-                        raise OSError("copied")
-                    os.link(src, self.staging / src.name)
-                except OSError:
-                    shutil.copy2(src, self.staging / src.name)
+        than one link (its guard against hard-link attacks), so those are copied. The published
+        weight versions (versions/) come along, linked file by file."""
+        _link_tree(self.target, self.staging, top=True)
 
     def _catch_sigterm(self) -> None:
         """SIGTERM raises SystemExit inside the block, so cleanup runs (SIGINT already raises
@@ -189,6 +183,25 @@ class DirectoryTransaction:
         if self.staging != self.target:
             shutil.rmtree(self.staging, ignore_errors=True)
         self.lock.release()
+
+
+def _link_tree(src_dir: Path, dst_dir: Path, top: bool = False) -> None:
+    for src in src_dir.iterdir():
+        if src.name.endswith(TMP_SUFFIX) or src.is_symlink():
+            continue
+        if src.is_dir():
+            if top and src.name != VERSIONS_DIR:
+                continue  # staging or other directories are not part of an export
+            if not src.name.startswith("."):
+                (dst_dir / src.name).mkdir()
+                _link_tree(src, dst_dir / src.name)
+        elif src.is_file():
+            try:
+                if src.name.endswith(".data"):
+                    raise OSError("copied")
+                os.link(src, dst_dir / src.name)
+            except OSError:
+                shutil.copy2(src, dst_dir / src.name)
 
 
 @contextmanager
