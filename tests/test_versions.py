@@ -134,8 +134,10 @@ def test_versions_command_lists_them(published, capsys):
     assert sorted(json.loads(capsys.readouterr().out)) == ["1", "2", "3"]
 
 
-def test_verify_checks_every_version_and_finds_a_changed_one(published, tmp_path, capsys):
-    directory = copy_of(published, tmp_path)
+def test_verify_checks_every_version_and_finds_a_changed_one(small_run, tmp_path, capsys):
+    directory = tmp_path / "export"
+    shutil.copytree(small_run[0], directory)
+    assert main(["publish", str(directory), *map(str, small_run[1])]) == 0
     assert main(["verify", str(directory)]) == 0
     out = capsys.readouterr().out
     assert " v1 onnx " in out and " v3 torchscript " in out and "0 failed" in out

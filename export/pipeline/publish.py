@@ -133,15 +133,21 @@ def version_state(net: torch.nn.Module) -> Tuple[Dict[str, Tensor], Dict[str, Te
 
 # ---------------------------------------------------------------- loading with a version's weights
 def load_with_weights(fmt: str, path: Path, device: str, layout, vector: Tensor,
-                      buffers: Dict[str, Tensor]) -> Callable[[Tensor], object]:
+                      buffers: Dict[str, Tensor], programs: Optional[Dict[Path, object]] = None
+                      ) -> Callable[[Tensor], object]:
     """An export file loaded as its users load it, with `vector` and `buffers` put in (in memory:
-    the file is not changed)."""
+    the file is not changed). `programs`: torch.export programs already loaded by this run
+    (deserialising one takes seconds; every weight is overwritten before use)."""
     if fmt == "torchscript":
         module = load_torchscript(path, device)
         set_module_state(module, vector, buffers)
         return lambda x: module(x.to(device))
     if fmt == "exported":
-        program = load_program(path)
+        if programs is None or path not in programs:
+            program = load_program(path)
+            if programs is not None:
+                programs[path] = program
+        program = programs[path] if programs is not None else program
         set_program_params(program, vector, layout, path, allow_nonfinite=False, buffers=buffers)
         module = program.module().to(device)
         return lambda x: module(x.to(device))
@@ -166,7 +172,8 @@ class VersionCheck:
 
 
 def check_weights(directory: Path, manifest: Manifest, net: torch.nn.Module, vector: Tensor,
-                  buffers: Dict[str, Tensor], device: str = "cpu", seed: int = 1) -> VersionCheck:
+                  buffers: Dict[str, Tensor], device: str = "cpu", seed: int = 1,
+                  programs: Optional[Dict[Path, object]] = None) -> VersionCheck:
     """Every export file (each format and mode; AOTInductor packages in one fresh process)
     with these weights against `net` (eager with the same weights), within verify's bound."""
     net = net.to(device).eval()
@@ -190,7 +197,7 @@ def check_weights(directory: Path, manifest: Manifest, net: torch.nn.Module, vec
             aoti_jobs.append((directory / name, names, inputs, expected[mode, batch], mode, name))
             continue
         fn = load_with_weights(fmt, directory / name, device, checked_layout(manifest, name, onnx=fmt == "onnx"),
-                               vector, buffers)
+                               vector, buffers, programs)
         verification[name] = compare(fn, names, inputs, expected[mode, batch])
     if aoti_jobs:
         results = verify_fresh([job[:4] for job in aoti_jobs], device, package_state(vector, layout, buffers))
@@ -259,9 +266,10 @@ def publish(directory: Path, checkpoints: Sequence[Path], sign_key: Optional[Pat
         manifest = read_manifest(directory)  # as it is now, under the lock
         check_files(directory, manifest, graph_files(manifest))
         clean_leftovers(directory, manifest)
-        done = []
+        done: List[Published] = []
+        programs: Dict[Path, object] = {}  # loaded once for all the checkpoints of this run
         for ckpt, net in zip(ckpts, nets):
-            done.append(_publish_one(directory, manifest, ckpt, net, sign_key, device))
+            done.append(_publish_one(directory, manifest, ckpt, net, sign_key, device, programs))
             progress(describe(done[-1]))
         return done
     finally:
@@ -269,7 +277,7 @@ def publish(directory: Path, checkpoints: Sequence[Path], sign_key: Optional[Pat
 
 
 def _publish_one(directory: Path, manifest: Manifest, ckpt: Checkpoint, net: torch.nn.Module,
-                 sign_key: Optional[Path], device: str) -> Published:
+                 sign_key: Optional[Path], device: str, programs: Dict[Path, object]) -> Published:
     start = time.perf_counter()
     number = max(version_numbers(manifest), default=0) + 1
     root = directory / VERSIONS_DIR
@@ -286,7 +294,7 @@ def _publish_one(directory: Path, manifest: Manifest, ckpt: Checkpoint, net: tor
     try:
         layout = checked_layout(manifest, directory)
         vector = torch.cat([params[e.name].reshape(-1).float().cpu() for e in layout])
-        check = check_weights(directory, manifest, net, vector, buffers, device)
+        check = check_weights(directory, manifest, net, vector, buffers, device, programs=programs)
         if check.failed:
             raise ExportError(f"{ckpt.path}: not published: with its weights {len(check.failed)} outputs differ "
                               f"from eager beyond the bound, first {check.failed[0]}")
