@@ -28,7 +28,7 @@ help:  ## list the targets
 $(STAMP): pyproject.toml constraints.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -c constraints.txt -e '.[test,bench,serve]'
+	$(PY) -m pip install --quiet -c constraints.txt -e '.[test,bench,serve,sign]'
 	@# the `python -m zoo list` table, cached (keyed by the sources): the first listing is instant too
 	$(PY) -m zoo list > /dev/null
 	@touch $(STAMP)

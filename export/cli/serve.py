@@ -17,14 +17,15 @@ from typing import Sequence
 from export.cli.options import check_option
 from export.errors import ExportError
 from export.runtime.base import ENGINES, check_engine
-from export.serving.config import check_directories, config_yaml, serve_config
+from export.serving.config import check_directories, config_yaml, parse_versions_policy, serve_config
+from export.store.versions import record_deployed
 
 
 def serve_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m export serve",
         description="Serve export directories on Ray Serve with the Open Inference Protocol "
-                    "(KServe v2): GET /v2/health/ready, GET /v2/models/NAME, POST /v2/models/NAME/infer "
+                    "(KServe v2): GET /v2/health/ready, GET /v2/models/NAME, POST /v2/models/NAME[/versions/N]/infer "
                     "(JSON tensors or the binary tensor extension). One deployment per directory, "
                     "named after its backbone; the returnt mode follows the outputs a request asks "
                     "for (logits, features, stage_i) or parameters.returnt.",
@@ -59,6 +60,14 @@ def serve_parser() -> argparse.ArgumentParser:
                    help="HAProxy as the HTTP proxy (Ray Serve's RAY_SERVE_ENABLE_HA_PROXY; local Ray only): "
                         "more requests/s, but its stats page and Prometheus exporter listen on all "
                         "interfaces (on free ports chosen at start)")
+    p.add_argument("--versions", default="latest", metavar="POLICY",
+                   help="for directories with published weight versions (python -m export publish): latest, "
+                        "all, or numbers N,M; served at /v2/models/NAME/versions/N/infer, and unversioned requests "
+                        "get the newest of them until `python -m export rollout` moves it (default: %(default)s)")
+    p.add_argument("--trust-key", type=Path, metavar="PUB",
+                   help="serve and roll out only weight versions signed with the private key of this public key "
+                        "(publish --sign-key); directories without published versions serve their export's "
+                        "weights, checked by sha256 as always")
     p.add_argument("--print-config", action="store_true",
                    help="print the Serve config YAML that `serve deploy` accepts, and exit")
     return p
@@ -83,6 +92,9 @@ def check_options(ns: argparse.Namespace) -> None:
         raise ExportError("--haproxy applies to a local Ray instance; on a cluster set RAY_SERVE_ENABLE_HA_PROXY=1 "
                           "in its environment")
     check_engine(ns.engine, ns.precision)
+    parse_versions_policy(ns.versions)
+    if ns.trust_key is not None and not ns.trust_key.is_file():
+        raise ExportError(f"--trust-key {ns.trust_key}: no such file")
 
 
 def _check_port(host: str, port: int) -> None:
@@ -122,6 +134,10 @@ def run_serve(argv: Sequence[str]) -> int:
     from export.serving.app import deploy, shut_down
 
     local, address = deploy(config, ns.address, ns.replicas * ns.threads * len(models), haproxy=ns.haproxy)
+    for app in config["applications"]:
+        for deployment in app.get("deployments", []):
+            record_deployed(Path(app["args"]["directory"]), app["name"],
+                            int(deployment["user_config"]["current"]), address)
     try:
         grpc_note = f" and grpc {ns.host}:{ns.grpc_port}" if ns.grpc_port is not None else ""
         print(f"serving {', '.join(models)} at http://{ns.host}:{ns.port}/v2{grpc_note} ({ns.replicas} replica(s) x "

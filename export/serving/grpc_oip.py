@@ -47,9 +47,9 @@ def status_code(error: RequestError) -> grpc.StatusCode:
     return STATUS_CODES.get(error.status, grpc.StatusCode.INVALID_ARGUMENT)
 
 
-def model_metadata(spec: ModelSpec) -> pb.ModelMetadataResponse:
+def model_metadata(spec: ModelSpec, served: "Dict[str, Any] | None" = None) -> pb.ModelMetadataResponse:
     """ModelMetadata: the same inputs, outputs and versions as GET /v2/models/{name}."""
-    meta = spec.metadata()
+    meta = spec.metadata(served)
     return pb.ModelMetadataResponse(
         name=meta["name"], versions=meta["versions"], platform=meta["platform"],
         inputs=[pb.ModelMetadataResponse.TensorMetadata(**t) for t in meta["inputs"]],
@@ -96,9 +96,11 @@ def parse_infer_request(spec: ModelSpec, request: pb.ModelInferRequest) -> Infer
                            request_id=request.id or None)
 
 
-def infer_response(spec: ModelSpec, request: InferRequest, results: Dict[str, np.ndarray]) -> pb.ModelInferResponse:
-    """ModelInfer's answer: the outputs asked for, their bytes in `raw_output_contents`."""
-    response = pb.ModelInferResponse(model_name=spec.name, model_version=MODEL_VERSION, id=request.id or "")
+def infer_response(spec: ModelSpec, request: InferRequest, results: Dict[str, np.ndarray],
+                   version: str = MODEL_VERSION) -> pb.ModelInferResponse:
+    """ModelInfer's answer: the outputs asked for, their bytes in `raw_output_contents`, and the
+    weight version that answered."""
+    response = pb.ModelInferResponse(model_name=spec.name, model_version=str(version), id=request.id or "")
     response.parameters["returnt"].string_param = request.mode
     for name in request.outputs:
         arr = np.ascontiguousarray(results[name], dtype="<f4")

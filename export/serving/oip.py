@@ -72,13 +72,24 @@ class ModelSpec:
                   "input_shape_at_export": [1, *spec.shape[1:]]}
         return cls(manifest.backbone.name, spec.name, manifest.input_dims(), modes, outputs, params, manifest)
 
-    def metadata(self) -> Dict[str, Any]:
-        """GET /v2/models/{name}: the protocol's model metadata (+ modes, engine and sha256s)."""
-        return {"name": self.name, "versions": [MODEL_VERSION],
+    @property
+    def versioned(self) -> bool:
+        """Whether the directory has published weight versions (else it serves its export's
+        weights as version 1)."""
+        return bool(self.manifest is not None and self.manifest.weight_versions)
+
+    def metadata(self, served: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+        """GET /v2/models/{name}: the protocol's model metadata (+ modes, engine and sha256s);
+        `served`: the versions the replicas hold now, the current one and each one's sha256."""
+        served = served or {"versions": [MODEL_VERSION], "current": MODEL_VERSION}
+        parameters = {**self.parameters, "current_version": served["current"]}
+        if served.get("sha256"):
+            parameters["weights_sha256"] = served["sha256"]
+        return {"name": self.name, "versions": list(served["versions"]),
                 "platform": f"returnt-zoo_{self.parameters['engine']}",
                 "inputs": [{"name": self.input_name, "datatype": DATATYPE, "shape": self.input_dims}],
                 "outputs": [{"name": n, "datatype": DATATYPE, "shape": d} for n, d in self.outputs.items()],
-                "parameters": self.parameters}
+                "parameters": parameters}
 
 
     def choose_mode(self, wanted: List[str], returnt: Optional[str]) -> str:
@@ -318,13 +329,13 @@ def _body(obj: Dict[str, Any], blobs: List[bytes]) -> Tuple[bytes, Dict[str, str
     return head + b"".join(blobs), {"content-type": "application/octet-stream", HEADER_LENGTH: str(len(head))}
 
 
-def encode_infer_response(spec: ModelSpec, request: InferRequest,
-                          results: Dict[str, np.ndarray]) -> Tuple[bytes, Dict[str, str]]:
+def encode_infer_response(spec: ModelSpec, request: InferRequest, results: Dict[str, np.ndarray],
+                          version: str = MODEL_VERSION) -> Tuple[bytes, Dict[str, str]]:
     """(body, headers) of an infer response: JSON `data` per output, or for the outputs asked
-    in binary their bytes after the JSON header."""
+    in binary their bytes after the JSON header; `version`: the weight version that answered."""
     blobs: List[bytes] = []
     entries = [_tensor(n, results[n], request.binary[n], blobs) for n in request.outputs]
-    resp: Dict[str, Any] = {"model_name": spec.name, "model_version": MODEL_VERSION,
+    resp: Dict[str, Any] = {"model_name": spec.name, "model_version": str(version),
                             "parameters": {"returnt": request.mode}, "outputs": entries}
     if request.id is not None:
         resp["id"] = request.id
