@@ -48,3 +48,18 @@ def task_checkpoints(out: Path, backbone: str, tasks: int, seed: int = 0, **back
         train_task(net, task)
         paths.append(save_mammoth(net, out / f"er_run_{task}.pt", mammoth_args(backbone, **backbone_args)))
     return paths
+
+
+def key_pair(directory: Path, name: str) -> tuple:
+    """(private, public) PEM files of a new NIST P-256 key: what `publish --sign-key` and
+    `serve --trust-key` take (openssl ecparam -name prime256v1 -genkey makes the same)."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    private, public = directory / f"{name}.pem", directory / f"{name}.pub"
+    private.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                          serialization.NoEncryption()))
+    public.write_bytes(key.public_key().public_bytes(serialization.Encoding.PEM,
+                                                     serialization.PublicFormat.SubjectPublicKeyInfo))
+    return private, public

@@ -6,6 +6,7 @@ Every request is bounded by a timeout; the server is stopped at the end (SIGINT,
 its process group, which this module started)."""
 
 import asyncio
+import hashlib
 import json
 import os
 import queue
@@ -110,11 +111,51 @@ LIMIT_MB = 40
 LIMIT = LIMIT_MB << 20
 
 
+#: the model served with weight versions: a 5-task Mammoth run of it, published as versions
+CONTINUAL = "reduced-resnet18"
+TASKS = 5
+
+
+@dataclass
+class Continual:
+    directory: object
+    checkpoints: list
+    eager: dict  # version number -> eager backbone with that version's weights
+    trusted: tuple  # (private, public) key serve trusts
+    foreign: tuple  # another key pair
+
+
 @pytest.fixture(scope="module")
-def server(models):
-    srv = start_server([d for _, d in models.values()], "--replicas", "2", "--threads", "1",
+def continual(tmp_path_factory):
+    """An export of CONTINUAL (ONNX) with versions 1-3 published from a Mammoth run's per-task
+    checkpoints, signed with the key the server trusts; tasks 4 and 5 are published by tests."""
+    from export.cli import main
+    from export.pipeline.checkpoint import read_checkpoint
+    from tests.continual import key_pair, task_checkpoints
+    from zoo.registry import get_backbone
+
+    root = tmp_path_factory.mktemp("continual")
+    net, shape = build_small(CONTINUAL)
+    export_backbone(net, root / CONTINUAL, input_shape=shape, formats=("onnx",))
+    ckpts = task_checkpoints(root / "ckpts", CONTINUAL, TASKS)
+    trusted, foreign = key_pair(root, "trusted"), key_pair(root, "foreign")
+    assert main(["publish", str(root / CONTINUAL), *map(str, ckpts[:3]), "--sign-key", str(trusted[0])]) == 0
+    eager = {}
+    for n, ckpt in enumerate(ckpts, start=1):
+        eager[n] = get_backbone(CONTINUAL)
+        eager[n].load_state_dict(read_checkpoint(ckpt).state_dict)
+        eager[n].eval()
+    yield Continual(root / CONTINUAL, ckpts, eager, trusted, foreign)
+    shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def server(models, continual):
+    """mnistmlp and resnet18 (their export's weights) and CONTINUAL (weight version 1 of 1-3,
+    signed versions only) on one server."""
+    srv = start_server([*(d for _, d in models.values()), continual.directory], "--replicas", "2", "--threads", "1",
                        "--max-request-mb", str(LIMIT_MB), "--request-timeout-s", str(TIMEOUT_S),
-                       "--grpc-port", str(free_port()))
+                       "--grpc-port", str(free_port()), "--versions", "1", "--trust-key", str(continual.trusted[1]))
     yield srv
     stop_server(srv.proc)
     assert "stopped" in "".join(srv.lines[-20:]), "".join(srv.lines[-20:])
@@ -465,8 +506,9 @@ def test_the_batch_function_splits_mixed_requests_back(models):
     from export.serving.app import run_batch
 
     net = load(models["mnistmlp"][1])
-    items = [(_x(net.input_shape, n, seed=n), mode) for n, mode in [(1, "out"), (3, "full"), (2, "out"), (1, "both")]]
-    for (x, mode), got in zip(items, run_batch(net, items)):
+    items = [(_x(net.input_shape, n, seed=n), mode, "1") for n, mode in [(1, "out"), (3, "full"), (2, "out"),
+                                                                            (1, "both")]]
+    for (x, mode, _), got in zip(items, run_batch({"1": net}, items)):
         want = flat_outputs(net(x, returnt=mode))
         assert len(got) == len(want)
         for g, w in zip(got, want):
@@ -673,28 +715,241 @@ def test_loadtest_over_both_protocols(server, models, protocol):
     assert not result.errors and result.wrong == 0 and len(result.latencies_s) == 40, result.report()
 
 
+# ---------------------------------------------------------------- weight versions: rollout, rollback, refusals
+
+
+def _versioned_x(seed: int = 21) -> np.ndarray:
+    return _x((3, 32, 32), 2, seed=seed)
+
+
+async def _versioned_load(url: str, n: int, concurrency: int, x: np.ndarray, version=None, until=None,
+                          most: int = 20000):
+    """n infer requests at `concurrency` (tritonclient's HTTP encoder, httpx), and with `until`
+    (an asyncio.Event) more until it is set, `most` at most: [(status, model version, logits or
+    error text, time answered)] in the order answered."""
+    import httpx
+    import tritonclient.http as th
+
+    inp = th.InferInput("x", list(x.shape), "FP32")
+    inp.set_data_from_numpy(x, binary_data=True)
+    body, json_size = th.InferenceServerClient.generate_request_body(
+        [inp], outputs=[th.InferRequestedOutput("logits", binary_data=True)])
+    headers = {"Content-Type": "application/octet-stream", "Inference-Header-Content-Length": str(json_size)}
+    path = f"/v2/models/{CONTINUAL}" + (f"/versions/{version}" if version else "") + "/infer"
+    answers: list = []
+    sent = [0]
+
+    def more() -> bool:
+        return sent[0] < n or (until is not None and not until.is_set() and sent[0] < most)
+
+    async with httpx.AsyncClient(base_url=url, timeout=TIMEOUT_S) as client:
+        async def worker():
+            while more():
+                sent[0] += 1
+                resp = await client.post(path, content=body, headers=headers)
+                if resp.status_code != 200:
+                    answers.append((resp.status_code, None, resp.text, time.monotonic()))
+                    continue
+                length = resp.headers.get("inference-header-content-length")
+                result = th.InferenceServerClient.parse_response_body(
+                    resp.content, header_length=int(length) if length else None)
+                answers.append((200, result.get_response()["model_version"], result.as_numpy("logits"),
+                                time.monotonic()))
+
+        await asyncio.gather(*[worker() for _ in range(concurrency)])
+    return answers
+
+
+def _check_answers(continual, answers, x) -> dict:
+    """Every answer 200 and equal to eager of the version it names; version -> count."""
+    counts: dict = {}
+    wanted = {}
+    for status, version, logits, _ in answers:
+        assert status == 200, (status, logits)
+        v = int(version)
+        if v not in wanted:
+            wanted[v] = _eager(continual.eager[v], x, "out")[0]
+        assert_within_bound(logits, wanted[v])
+        counts[v] = counts.get(v, 0) + 1
+    return counts
+
+
+def _rollout(server, continual, version, check=True):
+    proc = subprocess.run([sys.executable, "-m", "export", "rollout", str(continual.directory), "--version",
+                           str(version), "--address", server.ray_address], cwd=REPO, capture_output=True,
+                          text=True, timeout=300, env={**os.environ, "RAY_AUTH_MODE": "token"})
+    if check:
+        assert proc.returncode == 0, proc.stderr[-2000:]
+    return proc
+
+
+def _current(continual) -> dict:
+    import urllib.request
+
+    return json.loads(urllib.request.urlopen(f"{continual.url}/v2/models/{CONTINUAL}", timeout=TIMEOUT_S).read())
+
+
+@pytest.fixture(scope="module")
+def versioned(server, continual):
+    continual.url = server.url
+    return continual
+
+
+def test_a_versioned_model_starts_on_its_policy(versioned):
+    meta = _current(versioned)
+    assert meta["versions"] == ["1"] and meta["parameters"]["current_version"] == "1"
+    assert len(meta["parameters"]["weights_sha256"]["1"]) == 64
+    deployed = json.loads((versioned.directory / "versions" / "deployed.json").read_text())
+    assert deployed[CONTINUAL]["version"] == 1
+
+
+def test_a_deployment_rolls_through_the_tasks_under_load(server, versioned):
+    """Versions 2 and 3 rolled out while 480 requests run at concurrency 16: none fails, each
+    answer equals eager of the version it names, and once a rollout reports done every answer
+    comes from its version."""
+    x = _versioned_x()
+
+    async def load_and_roll():
+        until = asyncio.Event()
+        task = asyncio.create_task(_versioned_load(server.url, 480, 16, x, until=until))
+        await asyncio.sleep(0.5)
+        done_at = {}
+        for version in (2, 3):
+            assert not task.done(), "the load ended before the rollouts"
+            proc = await asyncio.to_thread(_rollout, server, versioned, version)
+            assert f"version {version} serving on every replica" in proc.stdout, proc.stdout
+            done_at[version] = time.monotonic()
+        await asyncio.sleep(0.5)  # answers after the last rollout
+        until.set()
+        assert not task.done(), "the load stopped before the last rollout"
+        return await task, done_at
+
+    answers, done_at = asyncio.run(load_and_roll())
+    counts = _check_answers(versioned, answers, x)
+    assert set(counts) == {1, 2, 3} and 480 <= sum(counts.values()) < 20000, counts
+    assert sum(1 for _, _, _, t in answers if t > done_at[3]) >= 10
+    assert all(int(v) == 3 for _, v, _, t in answers if t > done_at[3])
+    assert all(int(v) >= 2 for _, v, _, t in answers if t > done_at[2])
+    meta = _current(versioned)
+    assert meta["versions"] == ["1", "3"] and meta["parameters"]["current_version"] == "3"
+
+
+def test_version_routes_answer_from_their_version(server, versioned):
+    import tritonclient.grpc as tg
+
+    x = _versioned_x(seed=22)
+    for version in (1, 3):
+        answers = asyncio.run(_versioned_load(server.url, 4, 2, x, version=version))
+        assert _check_answers(versioned, answers, x) == {version: 4}
+    answers = asyncio.run(_versioned_load(server.url, 1, 1, x, version=2))
+    assert answers[0][0] == 404 and "has no version '2' served; versions: 1, 3" in answers[0][2]
+    assert answers[0][2].count("\n") == 0
+    client = tg.InferenceServerClient(server.grpc)
+    inp = tg.InferInput("x", list(x.shape), "FP32")
+    inp.set_data_from_numpy(x)
+    result = client.infer(CONTINUAL, [inp], model_version="1", outputs=[tg.InferRequestedOutput("logits")])
+    assert result.get_response().model_version == "1"
+    assert_within_bound(result.as_numpy("logits"), _eager(versioned.eager[1], x, "out")[0])
+    assert client.get_model_metadata(CONTINUAL).versions == ["1", "3"]
+
+
+def test_rollback_is_a_rollout_to_an_older_version(server, versioned):
+    proc = _rollout(server, versioned, 1)
+    assert "version 1 serving on every replica (was 3" in proc.stdout
+    x = _versioned_x(seed=23)
+    assert _check_answers(versioned, asyncio.run(_versioned_load(server.url, 40, 8, x)), x) == {1: 40}
+
+
+def test_tampered_and_foreign_signed_versions_are_refused_and_service_continues(server, versioned, capsys):
+    """Version 4 published with the trusted key, then its weights changed on disk; version 5
+    signed with another key. Both rollouts are refused in one line; version 1 keeps serving."""
+    from export.cli import main
+
+    directory = versioned.directory
+    assert main(["publish", str(directory), str(versioned.checkpoints[3]), "--sign-key",
+                 str(versioned.trusted[0])]) == 0
+    weights = directory / "versions" / "4" / "weights.safetensors"
+    os.chmod(weights, 0o644)
+    data = bytearray(weights.read_bytes())
+    data[-4:] = b"\x7f\x7f\x7f\x7f"
+    weights.write_bytes(bytes(data))
+    proc = _rollout(server, versioned, 4, check=False)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
+    assert "sha256 does not match version 4" in proc.stderr
+    assert main(["publish", str(directory), str(versioned.checkpoints[4]), "--sign-key",
+                 str(versioned.foreign[0])]) == 0
+    proc = _rollout(server, versioned, 5, check=False)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
+    assert "version 5: signature does not verify with trusted.pub" in proc.stderr
+    x = _versioned_x(seed=24)
+    assert _check_answers(versioned, asyncio.run(_versioned_load(server.url, 20, 4, x)), x) == {1: 20}
+    assert _current(versioned)["parameters"]["current_version"] == "1"
+
+
+def test_a_replica_killed_during_a_rollout_comes_back_on_the_target(server, ray_driver, versioned):
+    from ray import serve
+
+    handle = serve.get_app_handle(CONTINUAL)
+    victim = handle.replica_info.remote().result(timeout_s=TIMEOUT_S)["actor_name"]
+    rollout = subprocess.Popen([sys.executable, "-m", "export", "rollout", str(versioned.directory), "--version",
+                                "2", "--address", server.ray_address], cwd=REPO, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True, env={**os.environ, "RAY_AUTH_MODE": "token"})
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:  # until the controller is updating the replicas
+            status = serve.status().applications[CONTINUAL]
+            if str(getattr(status.status, "value", status.status)) != "RUNNING" or rollout.poll() is not None:
+                break
+            time.sleep(0.02)
+        ray_driver.kill(ray_driver.get_actor(victim, namespace="serve"), no_restart=True)
+        out, err = rollout.communicate(timeout=300)
+    finally:
+        if rollout.poll() is None:
+            rollout.kill()
+    assert rollout.returncode == 0, err[-2000:]
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        states = serve.status().applications[CONTINUAL].deployments["Backbone"].replica_states
+        if states == {"RUNNING": 2}:
+            break
+        time.sleep(0.5)
+    infos = []
+    for _ in range(20):
+        infos.append(handle.replica_info.remote().result(timeout_s=TIMEOUT_S))
+    assert {i["version"] for i in infos} == {"2"}, infos
+    assert victim not in {i["actor_name"] for i in infos}
+    x = _versioned_x(seed=25)
+    assert _check_answers(versioned, asyncio.run(_versioned_load(server.url, 40, 8, x)), x) == {2: 40}
+
+
 def test_a_replica_starts_only_on_the_directory_serve_checked(models, tmp_path):
     """The pin `serve` gives each replica and the ingress: a directory changed since (a
     re-export, `params write`) is refused at (re)start in one line, so replicas never answer
     with different weights under one model version; the checked directory starts."""
     from export.errors import ExportError
     from export.serving.app import Backbone, OipIngress
-    from export.serving.config import manifest_sha256
+    from export.serving.config import files_sha256
 
     _, directory = models["mnistmlp"]
-    pinned = manifest_sha256(directory)
-    replica = Backbone.func_or_class(str(directory), manifest_sha256=pinned)
-    assert replica.net.manifest.backbone.name == "mnistmlp"
+    pinned = files_sha256(directory)
+    replica = Backbone.func_or_class(str(directory), files_sha256=pinned)
+    assert replica.held.nets["1"].manifest.backbone.name == "mnistmlp"
     changed = tmp_path / "mnistmlp"
     shutil.copytree(directory, changed)
     manifest = json.loads((changed / "manifest.json").read_text())
-    manifest["source"] = {**manifest.get("source", {}), "note": "re-exported"}
+    manifest["source"] = {**manifest.get("source", {}), "note": "only the manifest's notes changed"}
+    (changed / "manifest.json").write_text(json.dumps(manifest))
+    Backbone.func_or_class(str(changed), files_sha256=pinned)  # the same files: starts
+    name = "out.onnx"  # a re-export: another file under a listed name, hashed into the manifest
+    (changed / name).write_bytes((changed / name).read_bytes() + b"\0")
+    manifest["files"][name] = {"sha256": hashlib.sha256((changed / name).read_bytes()).hexdigest(),
+                               "size": (changed / name).stat().st_size}
     (changed / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(ExportError, match=r"changed since `serve` checked it .*restart serve") as err:
-        Backbone.func_or_class(str(changed), manifest_sha256=pinned)
+        Backbone.func_or_class(str(changed), files_sha256=pinned)
     assert "\n" not in str(err.value)
     with pytest.raises(ExportError, match="changed since"):
-        OipIngress.func_or_class([str(changed)], manifest_sha256s=[pinned])
+        OipIngress.func_or_class([str(changed)], files_sha256s=[pinned])
 
 
 def test_a_restarted_replica_never_serves_a_directory_changed_under_it(server, ray_driver, models):

@@ -62,8 +62,9 @@ def serve_parser() -> argparse.ArgumentParser:
                         "interfaces (on free ports chosen at start)")
     p.add_argument("--versions", default="latest", metavar="POLICY",
                    help="for directories with published weight versions (python -m export publish): latest, "
-                        "all, or numbers N,M; served at /v2/models/NAME/versions/N/infer, and unversioned requests "
-                        "get the newest of them until `python -m export rollout` moves it (default: %(default)s)")
+                        "all (published now; each rollout adds its version), or numbers N,M; served at "
+                        "/v2/models/NAME/versions/N/infer, and unversioned requests get the newest of them until "
+                        "`python -m export rollout` moves them (default: %(default)s)")
     p.add_argument("--trust-key", type=Path, metavar="PUB",
                    help="serve and roll out only weight versions signed with the private key of this public key "
                         "(publish --sign-key); directories without published versions serve their export's "

@@ -96,8 +96,10 @@ def rollout(directory: Path, version: int, address: Optional[str] = None, app: O
     policy = current.get("policy", "latest")
     if policy == "latest":
         held = [record.number]
-    else:  # all published now, or the policy's numbers; and the target
-        numbers = policy if policy == "all" else [int(n) for n in policy.split(",")]
+    elif policy == "all":  # what serve started with and every version rolled out since
+        held = sorted({int(n) for n in current.get("versions", {})} | {record.number})
+    else:  # the policy's numbers and the target
+        numbers = [int(n) for n in policy.split(",")]
         held = sorted(set(served_numbers(manifest, directory, numbers)) | {record.number})
     user_config = versions_config(directory, held, record.number, policy, trust_key)  # hashes, signature
     config["deployments"] = [d for d in deployments if d.get("name") != BACKBONE_DEPLOYMENT] + [
