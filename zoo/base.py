@@ -7,14 +7,16 @@ backbones implement it as three pieces: `forward_stages(x)`, `forward_pool(last_
 `forward_head(features)`.
 """
 
-
 from dataclasses import dataclass
-from typing import Dict, List, Tuple, Union
+from typing import List, Tuple, Union
 
 import torch
 from torch import Tensor, nn
 
-RETURNT_MODES: Tuple[str, ...] = ("out", "features", "both", "full")
+from zoo.modes import RETURNT_MODES, check_returnt, mode_outputs, pack_outputs, unpack_outputs
+
+__all__ = ["RETURNT_MODES", "check_returnt", "mode_outputs", "pack_outputs", "unpack_outputs", "MammothBackbone",
+           "Stage", "backbone_name", "ReturntOutput"]
 
 ReturntOutput = Union[Tensor, Tuple[Tensor, Tensor], List[Tensor]]
 
@@ -28,42 +30,9 @@ class Stage:
     channel_dim: int = 1  # -1 for token sequences [B, N, C]
 
 
-def mode_outputs(full_names: List[str]) -> Dict[str, List[str]]:
-    """What each `returnt` mode returns: which of the `'full'` outputs, by name and in order.
-
-    The one definition: ONNX output names, the manifest, `OnnxBackbone` and the tests take it
-    from here; `forward` and the scriptable heads (`zoo.heads`) index `forward_full` the same
-    way (logits last, features before them), which the tests check against this table.
-    """
-    return {"out": ["logits"], "features": ["features"], "both": ["logits", "features"],
-            "full": list(full_names)}
-
-
-def pack_outputs(mode: str, outputs: List) -> ReturntOutput:
-    """A mode's outputs (listed in `mode_outputs` order) in the shape `forward` returns them:
-    one tensor, a (logits, features) tuple, or the `'full'` list."""
-    if mode in ("out", "features"):
-        return outputs[0]
-    if mode == "both":
-        return outputs[0], outputs[1]
-    return list(outputs)
-
-
-def unpack_outputs(out) -> List:
-    """The inverse of `pack_outputs`: a returnt call's outputs as a list (one tensor or array for
-    'out' and 'features'), for code that treats every mode alike."""
-    return list(out) if isinstance(out, (list, tuple)) else [out]
-
-
 def backbone_name(net: object) -> str:
     """The registered name a backbone was built under (the class name if built directly)."""
     return getattr(net, "registry_name", None) or type(net).__name__
-
-
-def check_returnt(returnt: str) -> str:
-    if returnt not in RETURNT_MODES:
-        raise ValueError(f"unknown returnt {returnt!r}; allowed: {', '.join(RETURNT_MODES)}")
-    return returnt
 
 
 class MammothBackbone(nn.Module):

@@ -30,7 +30,6 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from export.errors import ExportError
-from export.runtime import load
 from export.serving import grpc_oip
 from export.serving.config import BACKBONE_DEPLOYMENT, MESSAGE_SIZE_ENV, check_pinned
 from export.serving.oip import (
@@ -44,7 +43,7 @@ from export.serving.oip import (
     parse_infer_request,
 )
 from export.store.manifest import MANIFEST, read_manifest
-from zoo.base import pack_outputs, unpack_outputs
+from zoo.modes import pack_outputs, unpack_outputs
 
 logger = logging.getLogger("ray.serve")
 
@@ -111,6 +110,8 @@ class Backbone:
         self.model = manifest.backbone.name
         self.held = Held({}, MODEL_VERSION, {})
         if not manifest.weight_versions:  # the export's own weights, as version 1
+            from export.runtime import load
+
             net = self._ready(load(self.directory, **self.load_args))
             self.held = Held({MODEL_VERSION: net}, MODEL_VERSION, {})
             self._pin()  # and not swapped while the files were read
@@ -147,6 +148,8 @@ class Backbone:
 
             check_signature(version_dir(self.directory, record.number), Path(self.trust_key),
                             f"{self.directory} version {number}")
+        from export.runtime import load
+
         return self._ready(load(self.directory, version=record.number, **self.load_args))
 
     async def reconfigure(self, config: Dict[str, Any]) -> None:

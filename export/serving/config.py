@@ -8,7 +8,6 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Union
 
 from export.errors import ExportError
-from export.runtime import load
 from export.serving.oip import ROUTER_APP
 from export.store.manifest import Manifest, read_manifest, sha256_bytes
 from export.store.versions import resolve_version, version_numbers, version_sha256
@@ -28,6 +27,8 @@ BACKBONE_DEPLOYMENT = "Backbone"
 
 def check_directories(directories: Sequence[Path], engine: str, precision: str) -> Dict[str, Path]:
     """backbone name -> directory, each directory's engine files checked against the manifest."""
+    from export.runtime import load  # loads torch: not for the Serve application builders
+
     names: Dict[str, Path] = {}
     for d in directories:
         net = load(d, engine=engine, precision=precision)  # hashes every file the engine uses

@@ -17,7 +17,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from export.store.manifest import Manifest, free_dims
-from zoo.base import RETURNT_MODES
+from zoo.modes import RETURNT_MODES
 
 #: the one input and output datatype exports have (the manifest's float32)
 DATATYPE = "FP32"

@@ -20,10 +20,7 @@ import os
 import shutil
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Tuple, Union
-
-import torch
-from torch import Tensor
+from typing import TYPE_CHECKING, Any, Dict, List, Tuple, Union
 
 from export.errors import ExportError, IntegrityError, ManifestError
 from export.store.atomic import atomic_write_bytes
@@ -36,6 +33,9 @@ from export.store.manifest import (
     WeightVersion,
     sha256_bytes,
 )
+
+if TYPE_CHECKING:
+    from torch import Tensor
 
 VERSION_WEIGHTS = "weights.safetensors"
 GRAPHS = "graphs.json"
@@ -119,7 +119,7 @@ def version_sha256(version: WeightVersion) -> str:
     return sha256_bytes(json.dumps({"version": version.number, "files": files}, sort_keys=True).encode())
 
 
-def weights_bytes(params: Dict[str, Tensor], buffers: Dict[str, Tensor]) -> bytes:
+def weights_bytes(params: Dict[str, "Tensor"], buffers: Dict[str, "Tensor"]) -> bytes:
     """The safetensors bytes of a version's weights (parameters and floating buffers by name)."""
     from safetensors.torch import save
 
@@ -128,9 +128,10 @@ def weights_bytes(params: Dict[str, Tensor], buffers: Dict[str, Tensor]) -> byte
 
 
 def read_version_weights(directory: Path, version: WeightVersion,
-                         layout: List[LayoutEntry]) -> Tuple[Tensor, Dict[str, Tensor]]:
+                         layout: List[LayoutEntry]) -> Tuple["Tensor", Dict[str, "Tensor"]]:
     """(flat vector in the layout's order, floating buffers by eager name) of a version, from
     bytes checked against its record."""
+    import torch
     from safetensors.torch import load
 
     tensors = load(read_version_file(directory, version, VERSION_WEIGHTS))
