@@ -327,3 +327,70 @@ def test_full_disk_is_one_line_and_publishes_nothing(small_run, tmp_path, capsys
     assert err.startswith("error: no space left on device writing ") and "versions" in err
     assert not read_manifest(target).weight_versions
     assert [p.name for p in (target / "versions").iterdir()] == []
+
+
+def test_triton_repository_has_a_numbered_directory_per_version(published, tmp_path, capsys):
+    """`triton` writes versions 1-3 as REPO/<model>/<n>/ (Triton's version directories) with the
+    matching version_policy; each file gives eager of its version."""
+    import onnxruntime as ort
+
+    from export.formats.torchscript import load_torchscript
+    from tests.test_triton_repo import parse_config
+
+    directory, ckpts = published
+    repo = tmp_path / "repo"
+    assert main(["triton", str(directory), "--repo", str(repo), "--versions", "1,3"]) == 0
+    capsys.readouterr()
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(8))
+    onnx_cfg = parse_config(repo / "resnet18_out" / "config.pbtxt")
+    assert list(onnx_cfg.version_policy.specific.versions) == [1, 3]
+    assert onnx_cfg.parameters["weight_versions_sha256"].string_value.startswith("1:")
+    for n in (1, 3):
+        want = eager_of(ckpts[n - 1])(x).detach().numpy()
+        session = ort.InferenceSession(str(repo / "resnet18_out" / str(n) / "model.onnx"))
+        assert_within_bound(session.run(["logits"], {"x": x.numpy()})[0], want)
+        module = load_torchscript(repo / "resnet18_out_ts" / str(n) / "model.pt")
+        assert_within_bound(module(x).detach().numpy(), want)
+    assert sorted(p.name for p in (repo / "resnet18_out").iterdir()) == ["1", "3", "config.pbtxt"]
+    assert main(["triton", str(directory), "--repo", str(repo), "--versions", "latest"]) == 0
+    assert sorted(p.name for p in (repo / "resnet18_full").iterdir()) == ["3", "config.pbtxt"]
+    assert "no weight version 9" in _refused(capsys, ["triton", str(directory), "--repo", str(repo),
+                                                      "--versions", "9"])
+
+
+def test_a_replaced_directory_fails_signature_verification(small_run, tmp_path, capsys):
+    """Hashes alone cannot tell a directory replaced whole: other weights under version 1 with
+    the manifest's hashes rewritten load fine; a signature over the version refuses them."""
+    from export.serving.config import versions_config
+    from export.store.manifest import file_entry, write_manifest
+    from export.store.signing import check_signature
+    from tests.continual import key_pair
+
+    directory, ckpts = small_run
+    target = tmp_path / "export"
+    shutil.copytree(directory, target)
+    trusted, foreign = key_pair(tmp_path, "trusted"), key_pair(tmp_path, "foreign")
+    assert main(["publish", str(target), str(ckpts[0]), "--sign-key", str(trusted[0])]) == 0
+    check_signature(version_dir(target, 1), trusted[1])
+    versions_config(target, [1], 1, "latest", str(trusted[1]))  # what serve and rollout check
+    with pytest.raises(IntegrityError, match="signature does not verify with foreign.pub"):
+        versions_config(target, [1], 1, "latest", str(foreign[1]))
+    # the attacker's copy: version 1's weights replaced by another task's, hashes re-computed
+    other = tmp_path / "other"
+    shutil.copytree(directory, other)
+    assert main(["publish", str(other), str(ckpts[2])]) == 0
+    weights = version_dir(target, 1) / "weights.safetensors"
+    os.chmod(weights, 0o644)
+    shutil.copyfile(version_dir(other, 1) / "weights.safetensors", weights)
+    manifest = read_manifest(target)
+    manifest.weight_versions["1"].files["weights.safetensors"] = file_entry(weights)
+    write_manifest(target, manifest)
+    assert load(target, version=1).version == 1  # self-consistent: every hash matches
+    with pytest.raises(IntegrityError, match="signature does not verify with trusted.pub"):
+        check_signature(version_dir(target, 1), trusted[1])
+    with pytest.raises(IntegrityError, match="signature does not verify"):
+        versions_config(target, [1], 1, "latest", str(trusted[1]))
+    # an unsigned version under a trusted key
+    assert main(["publish", str(target), str(ckpts[1])]) == 0
+    with pytest.raises(IntegrityError, match="version 2 is not signed"):
+        versions_config(target, [2], 2, "latest", str(trusted[1]))

@@ -7,6 +7,7 @@ from typing import Sequence
 
 from export.cli.options import check_option, parse_list
 from export.errors import ExportError
+from export.serving.config import parse_versions_policy
 from export.serving.triton import BACKENDS, write_repository
 
 
@@ -23,6 +24,9 @@ def triton_parser() -> argparse.ArgumentParser:
     p.add_argument("--backends", default="onnxruntime,pytorch",
                    help=f"comma-separated, out of {', '.join(BACKENDS)} (default: %(default)s)")
     p.add_argument("--max-batch-size", type=int, default=32, help="Triton max_batch_size (default: %(default)s)")
+    p.add_argument("--versions", default="all", metavar="POLICY",
+                   help="for directories with published weight versions: latest, all or N,M; each becomes "
+                        "REPO/<model>/<n>/ with a matching version_policy (default: %(default)s)")
     p.add_argument("--queue-delay-us", type=int, default=5000,
                    help="dynamic_batching max_queue_delay_microseconds (default: %(default)s)")
     return p
@@ -36,7 +40,8 @@ def run_triton(argv: Sequence[str]) -> int:
     for d in ns.directories:
         if not d.is_dir():
             raise ExportError(f"{d} is not a directory; expected an export directory (manifest.json)")
-    written = write_repository(ns.directories, ns.repo, backends, ns.max_batch_size, ns.queue_delay_us)
+    parse_versions_policy(ns.versions)
+    written = write_repository(ns.directories, ns.repo, backends, ns.max_batch_size, ns.queue_delay_us, ns.versions)
     for path in written:
         print(ns.repo / path.name)
     print(f"{len(written)} models in {ns.repo}")
