@@ -74,6 +74,10 @@ def test_bench_report_and_json(tmp_path, capsys):
         assert r["median_ms"] == pytest.approx(statistics.median(rounds))
         assert r["spread"] == pytest.approx((max(rounds) - min(rounds)) / statistics.median(rounds))
         assert r["images_per_s"] == pytest.approx(r["batch"] / r["median_ms"] * 1e3)
+    pub = report["publish"]  # a full export against publishing weight versions into it
+    assert pub["export_s"] > 0 and 0 < pub["publish_next_s"] and pub["bytes_per_version"] > 0
+    assert pub["first_vs_export"] == pytest.approx(pub["publish_first_s"] / pub["export_s"], abs=1e-2)
+    assert "continual deployment (torchscript, onnx, exported, every mode): full export" in text
     stamp = report["stamp"]
     assert stamp["cpu"]["model"] and set(stamp["cpu"]["flags"]) <= set(KERNEL_FLAGS) and stamp["commit"]
     assert text.startswith(f"measured {stamp['date']} at commit {stamp['commit']} on {stamp['cpu']['model']}")

@@ -39,6 +39,11 @@ def loadtest_parser() -> argparse.ArgumentParser:
     p.add_argument("--server-pid", type=int, default=None,
                    help="pid of the `serve` command on this machine: report the CPU milliseconds per request of "
                         "each of its processes (proxy, ingress, replicas) during the load")
+    p.add_argument("--rollout", nargs=2, metavar=("DIR", "VERSION"),
+                   help="roll the deployment serving export directory DIR to weight VERSION once a third of the "
+                        "requests were sent (python -m export rollout): report its time to every replica and "
+                        "requests/s before, during and after; answers are checked per model_version")
+    p.add_argument("--address", default=None, help="with --rollout: the Ray cluster (as rollout --address)")
     p.add_argument("--json", type=Path, help="write the report here")
     return p
 
@@ -62,10 +67,20 @@ def run_loadtest(argv: Sequence[str]) -> int:
             shape = parse_input_shape(ns.input_shape)
         except ValueError:
             check_option("--input-shape", repr(ns.input_shape), False, "positive integers like 3,224,224")
+    rollout_during = None
+    if ns.rollout is not None:
+        from export.serving.rollout import connect, rollout
+
+        directory, version = Path(ns.rollout[0]), ns.rollout[1]
+        connect(ns.address, directory)  # before the load: joining Ray takes seconds
+
+        def rollout_during():
+            done = rollout(directory, version, ns.address)
+            return f"version {done.version} on every replica in {done.seconds:.2f} s (was {done.previous})"
     before = process_cpu_s(ns.server_pid) if ns.server_pid is not None else None
     result = asyncio.run(run_load(ns.url, ns.model, ns.requests, ns.concurrency, ns.batch, ns.timeout_s,
                                   ns.duration_s, ns.returnt, binary=not ns.json_tensors, progress=True,
-                                  protocol=ns.protocol, input_shape=shape))
+                                  protocol=ns.protocol, input_shape=shape, rollout_during=rollout_during))
     report = {"url": ns.url, "model": ns.model, "concurrency": ns.concurrency, **result.report()}
     if before is not None:
         report["server_cpu_ms_per_request"] = cpu_ms_per_request(before, process_cpu_s(ns.server_pid),

@@ -14,7 +14,7 @@ server that answers fast with wrong numbers shows up as `wrong`, not as throughp
 import asyncio
 import time
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -40,6 +40,10 @@ class LoadResult:
     #: CPU seconds this process (the client) used during the run: on one machine, the
     #: client's share of the cores is not the server's
     client_cpu_s: float = 0.0
+    #: (seconds since the start, model_version) of every correct answer
+    answered: List[Tuple[float, str]] = field(default_factory=list)
+    #: a rollout during the load (`rollout_during`): its start and end, seconds since the start
+    rollout: Dict[str, Any] = field(default_factory=dict)
 
     def fail(self, kind: str, detail: str) -> None:
         self.errors[kind] = self.errors.get(kind, 0) + 1
@@ -56,7 +60,21 @@ class LoadResult:
                 "images_per_s": round(ok * self.batch / self.elapsed_s, 2) if self.elapsed_s else None,
                 "batch": self.batch, "client_cpu_ms_per_request": round(1000 * self.client_cpu_s / self.sent, 2)
                 if self.sent else None, **pct,
-                "mean_ms": round(float(lat.mean()), 2) if ok else None}
+                "mean_ms": round(float(lat.mean()), 2) if ok else None,
+                "model_versions": {v: sum(1 for _, a in self.answered if a == v)
+                                   for v in sorted({a for _, a in self.answered})},
+                **({"rollout": self.rollout_report()} if self.rollout else {})}
+
+    def rollout_report(self) -> Dict[str, Any]:
+        """Requests/s before, during and after the rollout, and its time to every replica."""
+        start, end = self.rollout.get("start_s", 0.0), self.rollout.get("end_s", self.elapsed_s)
+
+        def rate(a: float, b: float) -> Optional[float]:
+            n = sum(1 for t, _ in self.answered if a <= t < b)
+            return round(n / (b - a), 2) if b > a else None
+
+        return {**self.rollout, "requests_per_s_before": rate(0.0, start), "requests_per_s_during": rate(start, end),
+                "requests_per_s_after": rate(end, self.elapsed_s)}
 
 
 class Failure(Exception):
@@ -120,7 +138,8 @@ class HttpTarget:
             self.headers[HEADER_LENGTH] = str(json_size)
         self.parse = th.InferenceServerClient.parse_response_body
 
-    async def infer(self) -> Dict[str, np.ndarray]:
+    async def infer(self) -> Tuple[str, Dict[str, np.ndarray]]:
+        """(model_version, outputs) of one request."""
         try:
             resp = await self.client.post(f"/v2/models/{self.model}/infer", content=self.body, headers=self.headers)
         except self.httpx.TimeoutException as exc:
@@ -131,7 +150,8 @@ class HttpTarget:
             raise Failure(str(resp.status_code), resp.text.strip())
         length = resp.headers.get(HEADER_LENGTH)
         result = self.parse(resp.content, header_length=int(length) if length else None)
-        return {o["name"]: result.as_numpy(o["name"]) for o in result.get_response()["outputs"]}
+        answer = result.get_response()
+        return str(answer.get("model_version", "")), {o["name"]: result.as_numpy(o["name"]) for o in answer["outputs"]}
 
     async def close(self) -> None:
         await self.client.aclose()
@@ -166,7 +186,8 @@ class GrpcTarget:
         self.outputs = [self.tga.InferRequestedOutput(n) for n in outputs] or None
         self.parameters = {"returnt": returnt} if returnt else None
 
-    async def infer(self) -> Dict[str, np.ndarray]:
+    async def infer(self) -> Tuple[str, Dict[str, np.ndarray]]:
+        """(model_version, outputs) of one request."""
         from tritonclient.utils import InferenceServerException
 
         try:
@@ -176,7 +197,8 @@ class GrpcTarget:
             status = exc.status() or "error"
             kind = "timeout" if "DEADLINE_EXCEEDED" in status else status.replace("StatusCode.", "")
             raise Failure(kind, exc.message() or str(exc)) from None
-        return {o.name: result.as_numpy(o.name) for o in result.get_response().outputs}
+        answer = result.get_response()
+        return answer.model_version, {o.name: result.as_numpy(o.name) for o in answer.outputs}
 
     async def close(self) -> None:
         await self.client.close()
@@ -199,10 +221,12 @@ async def run_load(url: str, model: str, requests: int, concurrency: int, batch:
                    timeout_s: float = 30.0, duration_s: float = 600.0, returnt: Optional[str] = None,
                    binary: bool = True, seed: int = 0, expected: Optional[Dict[str, np.ndarray]] = None,
                    x: Optional[np.ndarray] = None, progress: bool = False, protocol: str = "http",
-                   input_shape: Optional[Sequence[int]] = None) -> LoadResult:
+                   input_shape: Optional[Sequence[int]] = None,
+                   rollout_during: Optional[Callable[[], Any]] = None) -> LoadResult:
     """Send at most `requests` infer requests (fewer if `duration_s` runs out), `concurrency` at a
     time, each with `timeout_s`. Answers are compared with `expected` (output name -> array) when
-    given, else with the first answer."""
+    given, else with the first answer of the same model_version. `rollout_during` (a blocking
+    call, e.g. a rollout) runs on a thread once a third of the requests were sent."""
     target = (GrpcTarget if protocol == "grpc" else HttpTarget)(url, model, concurrency, timeout_s)
     try:
         meta = await target.metadata()
@@ -211,16 +235,19 @@ async def run_load(url: str, model: str, requests: int, concurrency: int, batch:
             x = np.random.default_rng(seed).standard_normal((batch, *dims)).astype(np.float32)
         target.prepare(meta["inputs"][0]["name"], x, _outputs_to_ask(meta, returnt, binary), returnt, binary)
         result = LoadResult(batch=int(x.shape[0]), protocol=protocol)
-        await _drive(target, result, requests, concurrency, duration_s, expected, progress, f"{model} x{concurrency}")
+        await _drive(target, result, requests, concurrency, duration_s, expected, progress, f"{model} x{concurrency}",
+                     rollout_during)
     finally:
         await target.close()
     return result
 
 
 async def _drive(target: Any, result: LoadResult, requests: int, concurrency: int, duration_s: float,
-                 expected: Optional[Dict[str, np.ndarray]], progress: bool, desc: str) -> None:
-    reference: Dict[str, Optional[Dict[str, np.ndarray]]] = {"want": expected}
+                 expected: Optional[Dict[str, np.ndarray]], progress: bool, desc: str,
+                 rollout_during: Optional[Callable[[], Any]] = None) -> None:
+    reference: Dict[str, Dict[str, np.ndarray]] = {}  # model_version -> its first answer
     deadline = time.perf_counter() + duration_s
+    begin = time.perf_counter()
     bar = None
     if progress:
         from tqdm import tqdm
@@ -230,7 +257,7 @@ async def _drive(target: Any, result: LoadResult, requests: int, concurrency: in
     async def one() -> None:
         t0 = time.perf_counter()
         try:
-            got = await target.infer()
+            version, got = await target.infer()
         except Failure as exc:
             result.fail(exc.kind, str(exc))
             return
@@ -238,12 +265,20 @@ async def _drive(target: Any, result: LoadResult, requests: int, concurrency: in
             result.fail("undecodable", f"{type(exc).__name__}: {exc}")
             return
         latency = time.perf_counter() - t0
-        if reference["want"] is None:
-            reference["want"] = got
-        if not all(np.isfinite(v).all() for v in got.values()) or not _close(got, reference["want"]):
+        want = expected if expected is not None else reference.setdefault(version, got)
+        if not all(np.isfinite(v).all() for v in got.values()) or not _close(got, want):
             result.wrong += 1
             return
         result.latencies_s.append(latency)
+        result.answered.append((time.perf_counter() - begin, version))
+
+    async def roll() -> None:
+        while result.sent < requests // 3 and time.perf_counter() < deadline:
+            await asyncio.sleep(0.01)
+        result.rollout["start_s"] = round(time.perf_counter() - begin, 3)
+        outcome = await asyncio.to_thread(rollout_during)
+        result.rollout["end_s"] = round(time.perf_counter() - begin, 3)
+        result.rollout["outcome"] = str(outcome)
 
     async def worker() -> None:
         while result.sent < requests and time.perf_counter() < deadline:
@@ -253,7 +288,7 @@ async def _drive(target: Any, result: LoadResult, requests: int, concurrency: in
                 bar.update()
 
     start, cpu = time.perf_counter(), time.process_time()
-    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    await asyncio.gather(*(worker() for _ in range(concurrency)), *([roll()] if rollout_during else []))
     result.elapsed_s = time.perf_counter() - start
     result.client_cpu_s = time.process_time() - cpu
     if bar is not None:

@@ -316,10 +316,39 @@ def run_benchmark(backbone: str, kwargs: Dict[str, Any], batches: Sequence[int],
         accuracy = None
         if train_seconds > 0:
             accuracy = digits_accuracy(backbone, kwargs, shape, tmp, train_seconds, log)
+        publishing = publish_cost(net, tmp, log)
     return {"backbone": backbone, "args": kwargs, "input_shape": list(shape), "cpu": cpu_name(),
             "stamp": stamp(), "threads": threads, "flops_per_image": flops, "matmul_peak_gflops": peak,
             "results": rows, "accuracy_digits": accuracy, "aoti_compile_seconds": compile_seconds,
+            "publish": publishing,
             "versions": result.manifest.versions}
+
+
+def publish_cost(net: torch.nn.Module, tmp: Path, log: Callable[[str], None]) -> Dict[str, Any]:
+    """A full export of the default formats (every mode) against publishing two weight versions
+    into it (the first in a run pays for loading the torch.export programs, the next reuses
+    them): seconds of each and bytes per version."""
+    from export.formats import DEFAULT_FORMATS
+    from export.pipeline.publish import publish
+
+    log("exporting every mode in the default formats, then publishing two weight versions ...")
+    start = time.perf_counter()
+    result = export_backbone(net, tmp / "continual", formats=list(DEFAULT_FORMATS))
+    export_s = time.perf_counter() - start
+    paths = []
+    for task in range(2):  # a task's weights: every float parameter and buffer moved
+        gen = torch.Generator().manual_seed(task)
+        state = {k: v + 0.01 * torch.randn(v.shape, generator=gen) if v.is_floating_point() else v
+                 for k, v in net.state_dict().items()}
+        paths.append(tmp / f"task_{task}.pt")
+        torch.save(state, paths[-1])
+    published = publish(result.directory, paths)
+    graphs = sum(e.size for e in result.manifest.files.values())
+    return {"formats": list(DEFAULT_FORMATS), "export_s": round(export_s, 2),
+            "publish_first_s": round(published[0].seconds, 2), "publish_next_s": round(published[1].seconds, 2),
+            "first_vs_export": round(published[0].seconds / export_s, 3),
+            "next_vs_export": round(published[1].seconds / export_s, 3),
+            "bytes_per_version": published[0].bytes, "export_bytes": graphs}
 
 
 def format_report(report: Dict[str, Any]) -> str:
@@ -343,6 +372,14 @@ def format_report(report: Dict[str, Any]) -> str:
     if report.get("aoti_compile_seconds"):
         lines.append("AOTInductor compile seconds: " + ", ".join(
             f"{k} {v:.1f}" for k, v in sorted(report["aoti_compile_seconds"].items())))
+    pub = report.get("publish")
+    if pub:
+        lines.append(f"continual deployment ({', '.join(pub['formats'])}, every mode): full export "
+                     f"{pub['export_s']:.1f} s; "
+                     f"publishing a weight version {pub['publish_first_s']:.1f} s ({100 * pub['first_vs_export']:.0f}% "
+                     f"of the export; the next in the same run {pub['publish_next_s']:.1f} s, "
+                     f"{100 * pub['next_vs_export']:.0f}%), {pub['bytes_per_version'] / 1e6:.1f} MB per version "
+                     f"against {pub['export_bytes'] / 1e6:.0f} MB of export files")
     acc = report.get("accuracy_digits")
     if acc:
         lines.append(f"accuracy on a trained model (sklearn digits, {acc['samples']} test images, "
