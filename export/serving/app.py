@@ -86,7 +86,9 @@ class Held:
     sha256: Dict[str, str]
 
 
-@serve.deployment(ray_actor_options={"num_cpus": 1})
+# a replica keeps answering from the version it holds while it loads the next beside it, so a
+# rollout updates every replica at once (Serve's default: a fifth of them at a time)
+@serve.deployment(ray_actor_options={"num_cpus": 1}, rolling_update_percentage=1.0)
 class Backbone:
     """Replicas of one export directory. Each holds its engine's sessions with a fixed thread
     count; requests queue into `@serve.batch` and run together on one inference thread, so the
