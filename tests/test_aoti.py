@@ -260,3 +260,25 @@ def test_bench_has_aoti_rows(tmp_path, capsys):
     assert {"aoti", "aoti-per-batch", "ort-fp32"} <= {r["runtime"] for r in report["results"]}
     assert set(report["aoti_compile_seconds"]) == {"out.aoti.pt2", "out.aoti.b2.pt2"}
     assert "AOTInductor compile seconds" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("name", ["resnet18"])
+def test_a_published_version_runs_in_the_packages(name, aoti_export, tmp_path):
+    """A task's checkpoint published into a directory with packages: verified in a fresh process
+    with its parameters and BatchNorm statistics loaded as constants; the aoti engine runs it."""
+    from export.pipeline.checkpoint import read_checkpoint
+    from export.store.manifest import read_manifest
+    from tests.continual import task_checkpoints
+
+    net, result = aoti_export
+    target = tmp_path / name
+    shutil.copytree(result.directory, target)
+    ckpt = task_checkpoints(tmp_path / "ckpts", name, 2, **result.manifest.backbone.args)[-1]
+    assert main(["publish", str(target), str(ckpt)]) == 0
+    verification = read_manifest(target).weight_versions["1"].verification
+    assert {"out.aoti.pt2", "full.aoti.pt2"} <= set(verification)
+    eager = build_small(name)[0]
+    eager.load_state_dict(read_checkpoint(ckpt).state_dict)
+    runtime = load(target, engine="aoti", version=1)
+    x = torch.randn(3, *runtime.input_shape, generator=torch.Generator().manual_seed(4))
+    assert_runtime_matches_eager(runtime, eager.eval(), x, MODES[name])
