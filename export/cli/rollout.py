@@ -11,7 +11,7 @@ def run_rollout(argv: Sequence[str]) -> int:
         prog="python -m export rollout",
         description="Move the deployment that serves an export directory (python -m export serve) to a "
                     "published weight version: its files are checked (sha256, and the signature when serve "
-                    "was given --trust-key), then Ray Serve updates the replicas in place, one at a time; "
+                    "was given --trust-key), then Ray Serve updates every replica in place at once; "
                     "each loads the version beside the current one and switches between batches. "
                     "Unversioned requests get the new version from then on; a replica started later comes "
                     "up on it. Rolling back is a rollout to an older version.",

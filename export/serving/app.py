@@ -464,9 +464,9 @@ def app_configs() -> Dict[str, Dict[str, Any]]:
 
 def apply_apps(apps: Sequence[Dict[str, Any]], wait_s: float = 300.0) -> None:
     """Deploy `apps` as `serve deploy` does (a Serve config: declarative, and changing only a
-    deployment's user_config updates its replicas in place, one at a time, without restarting
-    them); the cluster's other config-deployed applications are kept. Returns when every one is
-    RUNNING; one line naming the application and Ray's message if one fails."""
+    deployment's user_config updates its replicas in place without restarting them); the
+    cluster's other config-deployed applications are kept. Returns when every one is RUNNING;
+    one line naming the application and Ray's message if one fails."""
     from ray.serve.schema import ServeDeploySchema
 
     names = [a["name"] for a in apps]

@@ -3,7 +3,7 @@
 The version's files are checked here first (sha256 against its record, a version of the served
 graphs, the signature when the deployment trusts a key); then the model's application is
 re-deployed with only its replicas' `user_config` changed: Serve updates the replicas in place,
-one at a time, each loading the version beside the one it serves and switching between batches
+all at once, each loading the version beside the one it serves and switching between batches
 (`export.serving.app.Backbone.reconfigure`). A replica started later (crash, scaling) gets the
 same user_config, so it comes up on this version. Rollback is a rollout to an older version.
 

@@ -357,17 +357,21 @@ def check_files(directory: Path, manifest: Manifest, names: Optional[Iterable[st
 
 def read_verified(directory: Path, manifest: Manifest, name: str) -> bytes:
     """A listed file's bytes, hashed as read: what is used is what was checked."""
-    entry = manifest.files.get(name)
-    path = Path(directory) / name
+    return read_hashed(Path(directory) / name, manifest.files.get(name), MANIFEST,
+                       "the file was changed, is corrupt, or comes from another export")
+
+
+def read_hashed(path: Path, entry: Optional[FileEntry], listed_in: str, why: str) -> bytes:
+    """The bytes of `path` if they are the ones `entry` (from `listed_in`) describes; one-line
+    IntegrityError otherwise (`why`: what a mismatch means)."""
     if entry is None:
-        raise IntegrityError(f"{path}: not listed in {MANIFEST}")
+        raise IntegrityError(f"{path}: not listed in {listed_in}")
     try:
-        data = path.read_bytes()
+        data = Path(path).read_bytes()
     except FileNotFoundError:
-        raise IntegrityError(f"{path}: listed in {MANIFEST} but missing") from None
+        raise IntegrityError(f"{path}: listed in {listed_in} but missing") from None
     if len(data) != entry.size or sha256_bytes(data) != entry.sha256:
-        raise IntegrityError(f"{path}: sha256 does not match {MANIFEST} (the file was changed, "
-                             "is corrupt, or comes from another export)")
+        raise IntegrityError(f"{path}: sha256 does not match {listed_in} ({why})")
     return data
 
 

@@ -31,6 +31,7 @@ from export.store.manifest import (
     LayoutEntry,
     Manifest,
     WeightVersion,
+    read_hashed,
     sha256_bytes,
 )
 
@@ -88,18 +89,9 @@ def graphs_record(manifest: Manifest, number: int) -> bytes:
 
 def read_version_file(directory: Path, version: WeightVersion, name: str) -> bytes:
     """A file of a version, hashed as read against its record."""
-    entry = version.files.get(name)
-    path = version_dir(directory, version.number) / name
-    if entry is None:
-        raise IntegrityError(f"{path}: not listed for version {version.number} in {MANIFEST}")
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        raise IntegrityError(f"{path}: listed for version {version.number} in {MANIFEST} but missing") from None
-    if len(data) != entry.size or sha256_bytes(data) != entry.sha256:
-        raise IntegrityError(f"{path}: sha256 does not match version {version.number} in {MANIFEST} "
-                             "(the file was changed or is corrupt; a version is never rewritten)")
-    return data
+    return read_hashed(version_dir(directory, version.number) / name, version.files.get(name),
+                       f"version {version.number} in {MANIFEST}",
+                       "the file was changed or is corrupt; a version is never rewritten")
 
 
 def check_version(directory: Path, manifest: Manifest, version: WeightVersion) -> None:
