@@ -2,8 +2,9 @@
 dict with model/optimizer/scheduler/args/results), made with the zoo's own backbone: every task
 trains a few steps on seeded random data, so parameters and BatchNorm statistics both change."""
 
+import copy
 from pathlib import Path
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Optional
 
 import torch
 
@@ -38,14 +39,18 @@ def save_mammoth(net: torch.nn.Module, path: Path, args: Dict[str, Any]) -> Path
     return path
 
 
-def task_checkpoints(out: Path, backbone: str, tasks: int, seed: int = 0, **backbone_args: Any) -> List[Path]:
-    """`er_run_0.pt ... er_run_{tasks-1}.pt` of one run of `backbone` (built with seed `seed`)."""
+def task_checkpoints(out: Path, backbone: str, tasks: int, seed: int = 0, start: Optional[torch.nn.Module] = None,
+                     **backbone_args: Any) -> List[Path]:
+    """`er_run_0.pt ... er_run_{tasks-1}.pt` of one run of `backbone` (built with seed `seed`);
+    with `start`, the run starts from a copy of that network and task 0's checkpoint holds its
+    weights unchanged."""
     torch.manual_seed(seed)
-    net = get_backbone(backbone, **backbone_args)
+    net = copy.deepcopy(start) if start is not None else get_backbone(backbone, **backbone_args)
     out.mkdir(parents=True, exist_ok=True)
     paths = []
     for task in range(tasks):
-        train_task(net, task)
+        if start is None or task > 0:
+            train_task(net, task)
         paths.append(save_mammoth(net, out / f"er_run_{task}.pt", mammoth_args(backbone, **backbone_args)))
     return paths
 
