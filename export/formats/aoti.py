@@ -156,11 +156,11 @@ def replaceable_weights(program: torch.export.ExportedProgram, package_bytes: by
 def package_state(vector: Tensor, layout, buffers: Optional[Buffers] = None) -> Dict[str, Tensor]:
     """Every name a package may give a parameter or buffer -> its value (a package holds only
     those its mode reads; `load_constants` is given the ones it has)."""
-    constants = {name: value for name, value in prefixed_buffers(buffers).items()}
+    constants = {name: value.clone() for name, value in prefixed_buffers(buffers).items()}
     for e in layout:
         value = vector[e.offset:e.offset + e.length].view(e.shape)
         for fqn in layout_names(e):
-            constants[fqn] = value
+            constants[fqn] = value.clone()  # its own storage: load_constants takes no views of the vector
     return constants
 
 
@@ -172,7 +172,7 @@ def set_package_params(model, vector: Tensor, layout, allow_nonfinite: bool = Fa
     fqns = set(model.get_constant_fqns())
     key = model.get_metadata().get("AOTI_DEVICE_KEY", "cpu")  # the device it was compiled for
     device = torch.device("cuda" if key.startswith("cuda") else "cpu")
-    constants = {fqn: value.clone().to(device) for fqn, value in package_state(vector, layout, buffers).items()
+    constants = {fqn: value.to(device) for fqn, value in package_state(vector, layout, buffers).items()
                  if fqn in fqns}
     model.load_constants(constants, check_full_update=False)
 

@@ -162,13 +162,15 @@ def load_with_weights(fmt: str, path: Path, device: str, layout, vector: Tensor,
 class VersionCheck:
     """Eager vs every export file with one version's weights."""
 
-    rows: List[List[str]]  # mode, output, format, max abs, max rel, status
+    rows: List[List[str]]  # mode, output, format, max abs, max rel, status, file
     verification: Dict[str, Dict[str, dict]]
     max_abs: float
 
     @property
     def failed(self) -> List[str]:
-        return [f"{r[2]} {r[0]} {r[1]} ({r[3]})" for r in self.rows if r[-1] != "ok"]
+        """Each output beyond the bound: format, mode, output and its error (or why it could not run)."""
+        errors = {(name, output): s.get("error") for name, v in self.verification.items() for output, s in v.items()}
+        return [f"{r[2]} {r[0]} {r[1]} ({errors.get((r[6], r[1])) or r[3]})" for r in self.rows if r[5] != "ok"]
 
 
 def check_weights(directory: Path, manifest: Manifest, net: torch.nn.Module, vector: Tensor,
@@ -207,7 +209,7 @@ def check_weights(directory: Path, manifest: Manifest, net: torch.nn.Module, vec
         label = fmt if batch is None else f"{fmt} b{batch}"
         for output, s in verification[name].items():
             rows.append([mode, output, label, f"{s['max_abs']:.2e}", f"{s['max_rel']:.2e}",
-                         "ok" if s["ok"] else "MISMATCH"])
+                         "ok" if s["ok"] else "MISMATCH", name])
     max_abs = max((s["max_abs"] for v in verification.values() for s in v.values()), default=0.0)
     return VersionCheck(rows, verification, float(max_abs))
 
@@ -429,5 +431,5 @@ def check_versions(directory: Path, manifest: Manifest, device: str = "cpu", see
                 if name in state:
                     state[name].copy_(value)
         check = check_weights(directory, manifest, net.eval(), vector, buffers, device, seed)
-        rows += [[r[0], r[1], f"v{n} {r[2]}", *r[3:]] for r in check.rows]
+        rows += [[r[0], r[1], f"v{n} {r[2]}", *r[3:6]] for r in check.rows]
     return rows

@@ -175,6 +175,9 @@ class Backbone:
 
     def _checked(self, x: Any, returnt: str, version: Optional[str]) -> Tuple[np.ndarray, str, Optional[str]]:
         held = self.held
+        if not held.nets:  # deployed without the user_config `serve` and `rollout` give it
+            raise UnknownVersion(f"model {self.model!r} holds no weight version: its deployment has no "
+                                 "user_config naming one (python -m export serve --print-config shows it)")
         if version not in (None, "") and str(version) not in held.nets:
             raise UnknownVersion(f"model {self.model!r} has no version {version!r} served; "
                                  f"versions: {', '.join(held.nets)}")
