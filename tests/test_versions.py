@@ -41,11 +41,12 @@ def eager_of(path: Path, backbone: str = "resnet18", **args):
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
-    """An export of resnet18 (8 filters, shared ONNX weights) and a 3-task Mammoth run of it."""
+    """An export of resnet18 (8 filters, shared ONNX weights; 'out' and 'full', which returns
+    what the other modes return) and a 3-task Mammoth run of it."""
     root = tmp_path_factory.mktemp("continual")
     torch.manual_seed(0)
     net = get_backbone("resnet18", **ARGS)
-    result = export_backbone(net, root / "export", onnx_weights="shared")
+    result = export_backbone(net, root / "export", modes=["out", "full"], onnx_weights="shared")
     assert result.ok
     return root / "export", task_checkpoints(root / "ckpts", "resnet18", 3, **ARGS)
 
@@ -101,7 +102,7 @@ def test_a_version_stores_one_copy_of_the_weights(published):
         size = sum(e.size for e in v.files.values())
         assert weights <= size < weights * 1.05 + 20_000, (size, weights)
     graphs = sum(e.size for e in manifest.files.values())
-    assert graphs > 5 * weights  # each TorchScript file and program holds its own copy
+    assert graphs > 4 * weights  # each TorchScript file and program (2 modes) holds its own copy
 
 
 @pytest.mark.parametrize("engine", ENGINES)
@@ -109,12 +110,12 @@ def test_every_engine_loads_each_version_as_eager(published, engine):
     directory, ckpts = published
     x = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(5))
     outs = []
-    for n, ckpt in [(1, ckpts[0]), (3, ckpts[2])]:
+    for n, ckpt, modes in [(1, ckpts[0], ("out",)), (3, ckpts[2], ("out", "full"))]:
         net = load(directory, engine=engine, version=n)
         assert net.version == n and f"version={n}" in repr(net)
         eager = eager_of(ckpt)
         with torch.no_grad():
-            for mode in ("out", "full"):
+            for mode in modes:
                 want = eager(x, returnt=mode)
                 got = net(x, returnt=mode)
                 for g, w in zip(got if mode == "full" else [got], want if mode == "full" else [want]):
@@ -296,9 +297,9 @@ def test_publish_killed_at_any_point_leaves_no_half_version(small_run, tmp_path)
     counted = killed_at(0, tmp_path / "count")
     assert counted.returncode == 0, counted.stderr[-1000:]
     points = int(counted.stderr.strip().splitlines()[-1].split()[-1])
-    assert points >= 4
+    assert points == 4  # before and after the version's rename, then the manifest's
     seen = set()
-    for point in range(1, points + 1):
+    for point in (1, 2, 4):  # staging left, version directory unlisted, version recorded (3 is as 2)
         target = tmp_path / f"k{point}"
         shutil.copytree(base, target)
         proc = killed_at(point, target)
