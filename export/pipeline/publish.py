@@ -40,6 +40,7 @@ from export.store.manifest import (
     check_files,
     file_entry,
     read_manifest,
+    sha256,
     write_manifest,
 )
 from export.store.tolerance import compare, sample_inputs
@@ -307,7 +308,7 @@ def _publish_one(directory: Path, manifest: Manifest, ckpt: Checkpoint, net: tor
         files = {p.name: file_entry(p) for p in sorted(staging.iterdir())}
         record = WeightVersion(
             number=number, files=files,
-            checkpoint={"file": ckpt.path.name, "sha256": _sha256(ckpt.path), "kind": ckpt.kind},
+            checkpoint={"file": ckpt.path.name, "sha256": sha256(ckpt.path), "kind": ckpt.kind},
             task=task_index(ckpt.path), dataset=ckpt.args.get("dataset"),
             args=_json_safe({k: v for k, v in ckpt.args.items()}),
             published=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -324,12 +325,6 @@ def _publish_one(directory: Path, manifest: Manifest, ckpt: Checkpoint, net: tor
     finally:
         remove_tree(staging)
     return Published(record, sum(e.size for e in files.values()), time.perf_counter() - start)
-
-
-def _sha256(path: Path) -> str:
-    from export.store.manifest import sha256
-
-    return sha256(path)
 
 
 def describe(done: Published) -> str:

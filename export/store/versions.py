@@ -199,10 +199,6 @@ def _make_writable_and_retry(func, path, exc_info) -> None:
     func(path)
 
 
-def size_on_disk(directory: Path, version: WeightVersion) -> int:
-    return sum(e.size for e in version.files.values())
-
-
 def refuse_if_versions(directory: Path, manifest: Manifest, what: str) -> None:
     """A command that would change the weights or graphs of a directory with published versions
     is refused: versions are how its weights change, and they belong to these graphs."""
