@@ -15,7 +15,6 @@ import logging
 import os
 import re
 import time
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
@@ -30,7 +29,7 @@ from export.formats.program import load_program, set_program_params
 from export.formats.torchscript import load_torchscript, set_module_state
 from export.pipeline.checkpoint import Checkpoint, read_checkpoint
 from export.pipeline.preprocessing import Normalize
-from export.pipeline.verify import _check_layout, eager_outputs
+from export.pipeline.verify import _check_layout, eager_backbone, eager_outputs
 from export.store.atomic import _disk_full
 from export.store.flat_vector import checked_layout
 from export.store.manifest import (
@@ -59,7 +58,7 @@ from export.store.versions import (
     weights_bytes,
 )
 from zoo.base import MammothBackbone
-from zoo.registry import get_backbone, get_entry
+from zoo.registry import get_entry
 from zoo.weights import CheckpointError, load_state_dict_strict
 
 log = logging.getLogger(__name__)
@@ -79,18 +78,6 @@ def in_task_order(paths: Sequence[Path]) -> List[Path]:
     after them."""
     indexed = [(task_index(p), i, Path(p)) for i, p in enumerate(paths)]
     return [p for _, _, p in sorted(indexed, key=lambda t: (t[0] is None, t[0] if t[0] is not None else t[1], t[1]))]
-
-
-def eager_for(manifest: Manifest, directory: Path) -> MammothBackbone:
-    """The export's backbone, built from the manifest's name and arguments (weights follow)."""
-    info = manifest.backbone
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)
-            return get_backbone(info.name, **{k: v for k, v in info.args.items() if k != "weights"})
-    except KeyError:
-        raise ExportError(f"{directory}: backbone {info.name!r} is not registered: the checkpoint "
-                          "cannot be checked against it") from None
 
 
 def check_checkpoint(ckpt: Checkpoint, manifest: Manifest, directory: Path) -> MammothBackbone:
@@ -116,7 +103,7 @@ def check_checkpoint(ckpt: Checkpoint, manifest: Manifest, directory: Path) -> M
         raise CheckpointError(f"{where}: non-finite values in {bad[0]}" + (f" and {len(bad) - 1} more" if len(bad) > 1
                                                                             else "") + ": nothing to publish "
                               "(a diverged run?)")
-    net = eager_for(manifest, directory)
+    net = eager_backbone(directory, manifest)
     load_state_dict_strict(net, ckpt.state_dict, what=where, name=manifest.backbone.name)
     try:
         _check_layout(directory, manifest, net)
@@ -144,11 +131,10 @@ def load_with_weights(fmt: str, path: Path, device: str, layout, vector: Tensor,
         set_module_state(module, vector, buffers)
         return lambda x: module(x.to(device))
     if fmt == "exported":
-        if programs is None or path not in programs:
-            program = load_program(path)
-            if programs is not None:
-                programs[path] = program
-        program = programs[path] if programs is not None else program
+        loaded = programs if programs is not None else {}
+        if path not in loaded:
+            loaded[path] = load_program(path)
+        program = loaded[path]
         set_program_params(program, vector, layout, path, allow_nonfinite=False, buffers=buffers)
         module = program.module().to(device)
         return lambda x: module(x.to(device))
@@ -310,7 +296,7 @@ def _publish_one(directory: Path, manifest: Manifest, ckpt: Checkpoint, net: tor
             number=number, files=files,
             checkpoint={"file": ckpt.path.name, "sha256": sha256(ckpt.path), "kind": ckpt.kind},
             task=task_index(ckpt.path), dataset=ckpt.args.get("dataset"),
-            args=_json_safe({k: v for k, v in ckpt.args.items()}),
+            args=_json_safe(ckpt.args),
             published=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             seconds=round(time.perf_counter() - start, 3), verification=check.verification,
             max_abs=check.max_abs,
@@ -418,7 +404,7 @@ def check_versions(directory: Path, manifest: Manifest, device: str = "cpu", see
             rows.append(["-", "files", f"v{n}", "-", "-", f"MISMATCH: {exc}"])
             continue
         vector, buffers = read_version_weights(directory, version, layout)
-        net = eager_for(manifest, directory)
+        net = eager_backbone(directory, manifest)
         net.set_params(vector)
         state = dict(net.named_buffers())
         with torch.no_grad():

@@ -46,16 +46,21 @@ class VerifyError(ExportError):
     """Artifacts that do not match their manifest or each other."""
 
 
-def eager_from_artifacts(directory: Path, manifest: Manifest) -> torch.nn.Module:
-    """Rebuild the eager backbone from the manifest's arguments and the artifacts' weights."""
+def eager_backbone(directory: Path, manifest: Manifest) -> MammothBackbone:
+    """The export's backbone built from the manifest's name and arguments (weights follow)."""
     backbone = manifest.backbone
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)  # pretrained variants: weights follow
-            net = get_backbone(backbone.name, **{k: v for k, v in backbone.args.items() if k != "weights"})
+            return get_backbone(backbone.name, **{k: v for k, v in backbone.args.items() if k != "weights"})
     except KeyError:
         raise VerifyError(f"{directory}: backbone {backbone.name!r} is not registered, so the "
                           "eager reference cannot be rebuilt") from None
+
+
+def eager_from_artifacts(directory: Path, manifest: Manifest) -> torch.nn.Module:
+    """Rebuild the eager backbone from the manifest's arguments and the artifacts' weights."""
+    net = eager_backbone(directory, manifest)
     ts_files = sorted(manifest.mode_files("torchscript").values())
     programs = sorted(manifest.mode_files("exported").values())
     if ts_files or programs:
