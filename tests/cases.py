@@ -76,6 +76,45 @@ def _small_torchvision(kind: str):
     return TorchvisionBackbone(model)
 
 
+def _small_timm(model: str, **kwargs):
+    """A small timm model of the registered entry's class (timm's own `test_*` models where it
+    has one), through the same adapter."""
+    import timm
+
+    from zoo.backbones.timm_adapter import TimmBackbone
+
+    return TimmBackbone(timm.create_model(model, pretrained=False, num_classes=10, **kwargs))
+
+
+def _small_timm_mobilenetv3():
+    """timm's MobileNetV3 class with its block types (depthwise, inverted residual with and
+    without hard-sigmoid squeeze-excitation, ReLU and hard-swish) in five short stages."""
+    from functools import partial
+
+    from timm.layers import get_act_layer
+    from timm.models._efficientnet_blocks import SqueezeExcite
+    from timm.models._efficientnet_builder import decode_arch_def, round_channels
+    from timm.models.mobilenetv3 import MobileNetV3
+    from torch import nn
+
+    from zoo.backbones.timm_adapter import TimmBackbone
+
+    arch = [["ds_r1_k3_s1_e1_c16_nre"], ["ir_r1_k3_s2_e4_c24_nre"], ["ir_r1_k5_s2_e3_c40_se0.25_nre"],
+            ["ir_r1_k3_s2_e6_c48_se0.25"], ["cn_r1_k1_s1_c96"]]
+    se = partial(SqueezeExcite, gate_layer="hard_sigmoid", force_act_layer=nn.ReLU, rd_round_fn=round_channels)
+    return TimmBackbone(MobileNetV3(block_args=decode_arch_def(arch), num_features=128, stem_size=16, fix_stem=True,
+                                    act_layer=get_act_layer("hard_swish"), se_layer=se, num_classes=10))
+
+
+def _small_timm_regnet():
+    """timm's RegNet class (X blocks: grouped bottlenecks), one block per stage."""
+    from timm.models.regnet import RegNet, RegNetCfg
+
+    from zoo.backbones.timm_adapter import TimmBackbone
+
+    return TimmBackbone(RegNet(RegNetCfg(w0=8, wa=36.44, wm=2.0, group_size=8, depth=4), num_classes=10))
+
+
 CASES: Dict[str, Case] = {
     "resnet18": Case({"num_filters": 8}),
     "resnet34": Case({"num_filters": 8}),
@@ -98,6 +137,20 @@ CASES: Dict[str, Case] = {
     "tv-mobilenet-v3-large": Case(build=lambda: _small_torchvision("mobilenet_v3_large"), input_shape=(3, 64, 64)),
     "tv-efficientnet-b0": Case(build=lambda: _small_torchvision("efficientnet_b0"), input_shape=(3, 64, 64)),
     "tv-convnext-tiny": Case(build=lambda: _small_torchvision("convnext_tiny"), input_shape=(3, 64, 64)),
+    # timm: full size in test_timm.py (each family once)
+    "timm": Case({"model": "test_resnet"}, input_shape=(3, 64, 64)),  # by name: the registry's path
+    # ViTs at timm's test size (160x160, 10x10 patches), fixed like the registered ones
+    "timm-vit-base-patch16-224": Case(build=lambda: _small_timm("test_vit", dynamic_img_size=False)),
+    "timm-vit-small-patch16-224": Case(build=lambda: _small_timm("test_vit2", dynamic_img_size=False, depth=3,
+                                                                 init_values=1.0)),  # LayerScale 1e-5 hid weights
+    "timm-deit-tiny-patch16-224": Case(build=lambda: _small_timm("test_vit", dynamic_img_size=False, depth=2,
+                                                                 embed_dim=48, num_heads=3)),
+    "timm-convnext-tiny": Case(build=lambda: _small_timm("test_convnext", depths=(1, 1, 1, 1)),
+                               input_shape=(3, 64, 64)),
+    "timm-efficientnet-b0": Case(build=lambda: _small_timm("test_efficientnet"), input_shape=(3, 64, 64)),
+    "timm-mobilenetv3-large-100": Case(build=_small_timm_mobilenetv3, input_shape=(3, 64, 64)),
+    "timm-regnetx-002": Case(build=_small_timm_regnet, input_shape=(3, 64, 64)),
+    "timm-resnet50": Case(build=lambda: _small_timm("test_resnet"), input_shape=(3, 64, 64)),
 }
 
 

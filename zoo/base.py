@@ -8,7 +8,7 @@ backbones implement it as three pieces: `forward_stages(x)`, `forward_pool(last_
 """
 
 from dataclasses import dataclass
-from typing import List, Tuple, Union
+from typing import Dict, List, Tuple, Union
 
 import torch
 from torch import Tensor, nn
@@ -46,8 +46,11 @@ class MammothBackbone(nn.Module):
     input_shape: Tuple[int, ...]
     stages: Tuple[Stage, ...]
     feature_dim: int
+    #: export format -> why this backbone cannot be exported to it (none: every format)
+    unsupported_formats: Dict[str, str] = {}
     # Python-only metadata: TorchScript must not try to compile these attributes.
-    __jit_ignored_attributes__ = ["stages", "input_shape", "registry_name", "registry_kwargs"]
+    __jit_ignored_attributes__ = ["stages", "input_shape", "registry_name", "registry_kwargs",
+                                  "unsupported_formats"]
 
     def forward_stages(self, x: Tensor) -> List[Tensor]:
         raise NotImplementedError

@@ -48,12 +48,15 @@ def describe(name: str) -> str:
 
 def table_key() -> str:
     """sha256 of what the table depends on: every .py file of the zoo package (path and bytes),
-    the torch and torchvision versions, and the Python version."""
+    the torch, torchvision and timm versions, and the Python version."""
     h = hashlib.sha256()
     for path in sorted(ZOO_DIR.rglob("*.py")):
         h.update(path.relative_to(ZOO_DIR).as_posix().encode() + b"\0" + path.read_bytes() + b"\0")
-    for dist in ("torch", "torchvision"):
-        h.update(f"{dist}=={metadata.version(dist)}\0".encode())
+    for dist in ("torch", "torchvision", "timm"):  # timm: the timm-* entries (absent: not installed)
+        try:
+            h.update(f"{dist}=={metadata.version(dist)}\0".encode())
+        except metadata.PackageNotFoundError:
+            h.update(f"{dist} absent\0".encode())
     h.update(sys.version.encode())
     return h.hexdigest()
 

@@ -24,6 +24,7 @@ __all__ = [
     "normalise_name",
     "parse_bool",
     "register_backbone",
+    "register_presets",
     "get_backbone",
     "get_entry",
     "list_backbones",
@@ -120,6 +121,8 @@ class BackboneEntry:
     doc: str = ""
     #: values for required arguments in examples, `--all` and `python -m zoo list`
     example: Dict[str, Any] = field(default_factory=dict)
+    #: export format -> why this backbone is not exported to it (e.g. a model that does not script)
+    unsupported_formats: Dict[str, str] = field(default_factory=dict)
 
     def arg(self, name: str) -> ArgSpec:
         for spec in self.args:
@@ -223,11 +226,13 @@ class Registry:
         if loader is not None:
             loader()
 
-    def register(self, name: str, example: Optional[Dict[str, Any]] = None
+    def register(self, name: str, example: Optional[Dict[str, Any]] = None,
+                 unsupported_formats: Optional[Dict[str, str]] = None,
                  ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
         """Decorator: register a builder function or a backbone class under `name`.
 
-        `example` gives a value for each required argument, used in messages and `--all`.
+        `example` gives a value for each required argument, used in messages and `--all`;
+        `unsupported_formats` names the export formats the backbone cannot have, with why.
         """
         key = normalise_name(name)
 
@@ -241,7 +246,7 @@ class Registry:
             for a in args:  # a Literal's first choice is a fine example
                 if a.required and a.name not in examples and a.choices:
                     examples[a.name] = a.choices[0]
-            self.entries[key] = BackboneEntry(key, builder, args, doc, examples)
+            self.entries[key] = BackboneEntry(key, builder, args, doc, examples, dict(unsupported_formats or {}))
             return builder
 
         return decorate
@@ -310,10 +315,25 @@ class Registry:
 REGISTRY = Registry()
 
 
-def register_backbone(name: str, example: Optional[Dict[str, Any]] = None
+def register_backbone(name: str, example: Optional[Dict[str, Any]] = None,
+                      unsupported_formats: Optional[Dict[str, str]] = None,
                       ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Register a builder (function or `MammothBackbone` subclass) in the default registry."""
-    return REGISTRY.register(name, example)
+    return REGISTRY.register(name, example, unsupported_formats)
+
+
+def register_presets(presets: Dict[str, str], build: Callable[[str, int, str, str], Any], doc: str,
+                     unsupported_formats: Optional[Dict[str, str]] = None) -> None:
+    """Register each `name -> model` of a model family (torchvision's, timm's) as a builder taking
+    `num_classes` and `weights`, made by `build(model, num_classes, weights, name)`; `doc` is
+    formatted with `model`."""
+    for name, model in presets.items():
+        def builder(num_classes: int = DEFAULT_NUM_CLASSES, weights: str = "", _model: str = model,
+                    _name: str = name) -> Any:
+            return build(_model, num_classes, weights, _name)
+
+        builder.__doc__ = doc.format(model=model)
+        register_backbone(name, unsupported_formats=unsupported_formats)(builder)
 
 
 def get_entry(name: str) -> BackboneEntry:

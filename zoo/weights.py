@@ -124,7 +124,7 @@ def load_pretrained(
     kept, as for a new number of classes. Everything else must match exactly. `name` is the
     registered backbone name used in errors (the builder runs before the registry records it).
     """
-    raw = load_file(path)
+    raw = _unwrap(load_file(path))
     if not isinstance(raw, Mapping):
         raise CheckpointError(f"{path}: expected a state_dict, found {type(raw).__name__}")
     current = net.state_dict()
@@ -141,6 +141,20 @@ def load_pretrained(
         if key.startswith("classifier.") or (head and key.startswith(head[1])):
             state.setdefault(key, value)
     load_state_dict_strict(net, state, what=f"weights file {str(path)!r}", name=name)
+
+
+def _unwrap(raw: Any) -> Any:
+    """The state_dict of a training checkpoint that wraps it (`{'state_dict': ...}`, `{'model':
+    ...}`, as timm's and torchvision's training scripts save them), without a DataParallel
+    `module.` prefix; a plain state_dict as it is."""
+    if isinstance(raw, Mapping) and not any(isinstance(v, Tensor) for v in raw.values()):
+        for key in ("state_dict", "model", "state_dict_ema"):
+            if isinstance(raw.get(key), Mapping):
+                raw = raw[key]
+                break
+    if isinstance(raw, Mapping) and raw and all(isinstance(k, str) and k.startswith("module.") for k in raw):
+        raw = {k[len("module."):]: v for k, v in raw.items()}
+    return raw
 
 
 def warn_random_weights(name: str, source: str) -> None:

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from zoo.base import MammothBackbone, Stage
-from zoo.registry import register_backbone
+from zoo.registry import register_backbone, register_presets
 from zoo.weights import load_pretrained
 
 #: registered name -> torchvision builder: the small member of each convolutional family.
@@ -115,13 +115,4 @@ def tv(model: str, num_classes: int = 10, weights: str = "") -> TorchvisionBackb
     return TorchvisionBackbone(model, num_classes, weights)
 
 
-def _register_family(name: str, tv_name: str) -> None:
-    def build(num_classes: int = 10, weights: str = "") -> TorchvisionBackbone:
-        return TorchvisionBackbone(tv_name, num_classes, weights, name)
-
-    build.__doc__ = f"torchvision's {tv_name} (random weights, or a local weights file)"
-    register_backbone(name)(build)
-
-
-for _name, _tv_name in FAMILIES.items():
-    _register_family(_name, _tv_name)
+register_presets(FAMILIES, TorchvisionBackbone, "torchvision's {model} (random weights, or a local weights file)")
