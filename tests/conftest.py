@@ -12,7 +12,7 @@ import torch
 
 from export.store.tolerance import error_stats
 from tests.cases import case_for
-from zoo import get_backbone, list_backbones
+from zoo import get_backbone, get_entry, list_backbones
 from zoo.base import unpack_outputs
 from zoo.unit_scale import set_unit_scale
 
@@ -58,15 +58,30 @@ def randomise_bn_affine(net: torch.nn.Module, seed: int = 1) -> None:
                 m.bias.copy_(torch.randn(c, generator=gen) * 0.1)
 
 
-def backbone_params(*names: str):
-    """pytest params over the registry (or the backbones named), slow ones marked. All tests of
-    one backbone form one xdist group (`--dist loadgroup`), so each backbone is exported once per
-    run, whether a test takes every backbone or a few by name."""
-    return [
-        pytest.param(n, id=n, marks=[pytest.mark.xdist_group(f"backbone-{n}")]
-                     + ([pytest.mark.slow] if case_for(n).slow else []))
-        for n in (names or list_backbones())
-    ]
+def _marks(name: str) -> list:
+    return [pytest.mark.xdist_group(f"backbone-{name}")] + ([pytest.mark.slow] if case_for(name).slow else [])
+
+
+def has_format(name: str, fmt: str) -> bool:
+    """Whether the registered backbone `name` is exported to `fmt` (timm's do not script)."""
+    return fmt not in get_entry(name).unsupported_formats
+
+
+def backbone_params(*names: str, fmt: str = ""):
+    """pytest params over the registry (or the backbones named; with `fmt`, those exported to
+    it), slow ones marked. All tests of one backbone form one xdist group (`--dist loadgroup`),
+    so each backbone is exported once per run, whether a test takes every backbone or a few."""
+    return [pytest.param(n, id=n, marks=_marks(n)) for n in (names or list_backbones())
+            if not fmt or has_format(n, fmt)]
+
+
+def backbone_format_params(formats, *names: str):
+    """pytest params (name, format) over the registry (or the backbones named) x `formats`, each
+    backbone with the formats it is exported to; `formats` maps a label (an engine) to its
+    format, or lists formats."""
+    labels = formats if isinstance(formats, dict) else {f: f for f in formats}
+    return [pytest.param(n, label, id=f"{n}-{label}", marks=_marks(n))
+            for n in (names or list_backbones()) for label, fmt in labels.items() if has_format(n, fmt)]
 
 
 def vector_files():

@@ -94,6 +94,28 @@ def test_aoti_engine_matches_eager_and_takes_new_weights(name, aoti_export):
     assert torch.equal(runtime.get_params(), new)
 
 
+_CHECKED_RUN = """
+import sys, torch
+model = torch._inductor.aoti_load_package(sys.argv[1])
+for batch in (1, 16, 64):
+    out = model(torch.randn(batch, 3, 32, 32))
+    print(batch, tuple(out.shape))
+"""
+
+
+@pytest.mark.parametrize("name", ["resnet18"])
+def test_input_check_keeps_the_exported_batch_range(name, aoti_export):
+    """With AOTInductor's own input check on, the dynamic-batch package takes batch 16 and 64:
+    before the compile suppressed the re-trace's guards, the check refused anything above 15
+    (NNPACK's batch >= 16 heuristic, evaluated on the example batch of 2, narrowed the range)."""
+    _, result = aoti_export
+    env = {**os.environ, "AOTI_RUNTIME_CHECK_INPUTS": "1"}
+    proc = subprocess.run([sys.executable, "-I", "-c", _CHECKED_RUN, str(result.directory / "out.aoti.pt2")],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-500:]
+    assert proc.stdout.split() == ["1", "(1,", "10)", "16", "(16,", "10)", "64", "(64,", "10)"]
+
+
 @pytest.mark.parametrize("name", ["resnet18"])
 def test_fixed_batch_package(name, aoti_export, tmp_path):
     """--aoti-batch 2: `out.aoti.b2.pt2`, used at batch 2; other sizes are refused by name."""
@@ -255,7 +277,7 @@ def test_aoti_params_are_not_a_silent_no_op(name, aoti_export, tmp_path):
 def test_bench_has_aoti_rows(tmp_path, capsys):
     out = tmp_path / "bench.json"
     assert main(["bench", "--backbone", "mnistmlp", "--batches", "2", "--seconds", "0.1", "--rounds", "1",
-                 "--train-seconds", "0", "--threads", "1", "--json", str(out)]) == 0
+                 "--train-seconds", "0", "--threads", "1", "--json", str(out), "--no-pte"]) == 0
     report = json.loads(out.read_text())
     assert {"aoti", "aoti-per-batch", "ort-fp32"} <= {r["runtime"] for r in report["results"]}
     assert set(report["aoti_compile_seconds"]) == {"out.aoti.pt2", "out.aoti.b2.pt2"}

@@ -12,16 +12,20 @@ import torch
 from export.cli import main
 from export.errors import ExportError, IntegrityError, ManifestError, ParamsError
 from export.runtime import load
-from tests.conftest import assert_runtime_matches_eager, assert_within_bound, backbone_params, flat_outputs
+from tests.conftest import (
+    assert_runtime_matches_eager,
+    assert_within_bound,
+    backbone_format_params,
+    backbone_params,
+    flat_outputs,
+)
 
-BACKBONES = backbone_params()
-#: the engines whose files every default export has
-DEFAULT_ENGINES = ("onnxruntime", "torchscript", "exported")
+#: the engines of the default export's files (engine -> format)
+DEFAULT_ENGINES = {"onnxruntime": "onnx", "torchscript": "torchscript", "exported": "exported"}
 
 
 
-@pytest.mark.parametrize("engine", DEFAULT_ENGINES)
-@pytest.mark.parametrize("name", BACKBONES)
+@pytest.mark.parametrize("name, engine", backbone_format_params(DEFAULT_ENGINES))
 def test_every_engine_matches_eager(name, engine, export):
     net, result = export
     runtime = load(result.directory, engine=engine)

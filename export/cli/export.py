@@ -20,12 +20,15 @@ from export.pipeline.build import (
     ExportResult,
     check_device,
     check_opset,
+    check_pte_max_batch,
+    default_preprocessing,
     export_backbone,
+    formats_for,
     nonfinite_problem,
 )
 from export.pipeline.checkpoint import Checkpoint, read_checkpoint
 from export.tools.tables import format_table
-from zoo.base import RETURNT_MODES
+from zoo.base import RETURNT_MODES, backbone_name
 from zoo.registry import REGISTRY, BackboneEntry, get_entry, list_backbones, normalise_name
 from zoo.unit_scale import set_unit_scale
 from zoo.weights import load_state_dict_strict
@@ -49,13 +52,21 @@ def _base_parser(add_help: bool) -> argparse.ArgumentParser:
     parser.add_argument("--all", action="store_true", help="export every registered backbone")
     parser.add_argument("--modes", default=",".join(RETURNT_MODES),
                         help="comma-separated returnt modes (default: %(default)s)")
-    parser.add_argument("--formats", default=",".join(DEFAULT_FORMATS),
+    parser.add_argument("--formats", default=None,
                         help=f"comma-separated formats out of {', '.join(FORMATS)} (default: "
-                             "%(default)s; aoti compiles C++, tens of seconds per package)")
+                             f"{','.join(DEFAULT_FORMATS)}, less those a backbone cannot have: timm "
+                             "backbones do not script; aoti compiles C++, tens of seconds per package)")
     parser.add_argument("--aoti-batch", default="dynamic", metavar="SIZES",
                         help="AOTInductor packages per mode: 'dynamic' (<mode>.aoti.pt2, any batch) "
                              "and/or batch sizes (<mode>.aoti.b<N>.pt2, compiled for batch N only; "
                              "measured no faster on CIFAR ResNet-18), e.g. 1,64 or dynamic,1 (default: %(default)s)")
+    parser.add_argument("--pte-max-batch", type=int, default=64, metavar="N",
+                        help="with --formats pte: the largest batch <mode>.pte takes (ExecuTorch plans "
+                             "its memory for it; H and W are the export's), 1-4096 (default: %(default)s)")
+    parser.add_argument("--pte-without-params", dest="pte_params", action="store_false",
+                        help="with --formats pte: leave out each file's get_params method (a copy of the flat "
+                             "parameter vector; XNNPACK's packed weights are not it): smaller files, and the "
+                             "vector is then read from the other formats")
     parser.add_argument("--checkpoint", type=Path, help="weights: a backbone state_dict (.pt, "
                         ".safetensors) or a Mammoth run checkpoint (backbone and args read from it)")
     parser.add_argument("--allow-unsafe-pickle", action="store_true",
@@ -151,7 +162,7 @@ def _build(entry: BackboneEntry, ns: argparse.Namespace, ckpt: Optional[Checkpoi
     torch.manual_seed(seed)
     try:
         net = REGISTRY.build(entry.name, **kwargs)
-    except (TypeError, ValueError) as exc:
+    except (TypeError, ValueError, ImportError) as exc:  # bad arguments; a family's missing extra
         raise CliError(str(exc)) from None
     return entry, net, kwargs
 
@@ -170,8 +181,12 @@ def run_export(argv: Sequence[str]) -> int:
         return run_all(first)
     # every option is checked before any work (a checkpoint read, a build, an export)
     parse_list(first.modes, RETURNT_MODES, "mode")
-    parse_list(first.formats, FORMATS, "format")
+    if first.formats is not None and "pte" in parse_list(first.formats, FORMATS, "format"):
+        from export.formats.pte import executorch_version
+
+        executorch_version()  # the extra to install, before any work
     parse_aoti_batches(first.aoti_batch)
+    check_pte_max_batch(first.pte_max_batch)
     check_device(first.device)
     check_opset(first.opset)
     _parse_shape(first.input_shape)
@@ -212,18 +227,31 @@ def run_export(argv: Sequence[str]) -> int:
         elif opts.mean is None:
             print(f"note: the checkpoint's dataset {trained_on!r} is not in the normalisation table; "
                   "the manifest records none (give --mean/--std)", file=sys.stderr)
-    prep = preprocessing.resolve(net.input_shape[0], dataset, opts.mean, opts.std, opts.bake_preprocessing)
+    prep = preprocessing.resolve(net.input_shape[0], dataset, opts.mean, opts.std, opts.bake_preprocessing,
+                                 default_preprocessing(net))
     result = _export(net, out_dir, opts, _source(ckpt, opts.seed), prep)
     _print_result(result)
     return 0 if result.ok else 1
 
 
+def _formats(net, opts) -> List[str]:
+    """The formats asked for (a format the backbone cannot have: one line), or the defaults it
+    can have, naming those left out."""
+    formats = formats_for(net, parse_list(opts.formats, FORMATS, "format") if opts.formats else None)
+    if opts.formats is None:
+        for fmt, why in sorted(getattr(net, "unsupported_formats", {}).items()):
+            if fmt in DEFAULT_FORMATS:
+                print(f"note: no {fmt} file for {backbone_name(net)}: {why}", file=sys.stderr)
+    return formats
+
+
 def _export(net, out_dir: Path, opts, source, prep=None) -> ExportResult:
     return export_backbone(net, out_dir, modes=parse_list(opts.modes, RETURNT_MODES, "mode"),
-                           formats=parse_list(opts.formats, FORMATS, "format"),
+                           formats=_formats(net, opts),
                            input_shape=_parse_shape(opts.input_shape), opset=opts.opset,
                            device=opts.device, source=source, preprocessing=prep,
-                           onnx_weights=opts.onnx_weights, aoti_batches=parse_aoti_batches(opts.aoti_batch))
+                           onnx_weights=opts.onnx_weights, aoti_batches=parse_aoti_batches(opts.aoti_batch),
+                           pte_max_batch=opts.pte_max_batch, pte_params=opts.pte_params)
 
 
 def _print_result(result: ExportResult) -> None:
@@ -243,11 +271,18 @@ def run_all(opts) -> int:
     from tqdm import tqdm
 
     rows: List[List[str]] = []
-    failed = 0
+    failed = skipped = 0
     names = list_backbones()
     for name in (bar := tqdm(names, desc="export", unit="backbone", file=sys.stderr)):
         bar.set_postfix_str(name)
         t = time.perf_counter()
+        cannot = sorted(set(parse_list(opts.formats, FORMATS, "format") if opts.formats else [])
+                        & set(REGISTRY.entry(name).unsupported_formats))
+        if cannot:
+            skipped += 1
+            rows.append([name, opts.modes, opts.formats, "-", "-",
+                         f"skipped: no {cannot[0]}: {REGISTRY.entry(name).unsupported_formats[cannot[0]]}"])
+            continue
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", UserWarning)  # pretrained variants, no weights
@@ -260,7 +295,8 @@ def run_all(opts) -> int:
         except Exception as exc:  # keep going: one backbone's failure must not stop the rest
             status, err = f"FAILED: {type(exc).__name__}: {str(exc).splitlines()[0][:100]}", "-"
         failed += status != "ok"
-        rows.append([name, opts.modes, opts.formats, f"{time.perf_counter() - t:.1f}", err, status])
+        rows.append([name, opts.modes, opts.formats or "default", f"{time.perf_counter() - t:.1f}", err, status])
     print(format_table(["backbone", "modes", "formats", "seconds", "max error", "status"], rows))
-    print(f"{len(rows) - failed} exported, {failed} failed")
+    print(f"{len(rows) - failed - skipped} exported, {failed} failed"
+          + (f", {skipped} skipped (a format they cannot have)" if skipped else ""))
     return 1 if failed else 0

@@ -17,9 +17,11 @@ MODULES: Dict[str, str] = {
     "torchscript": "export.formats.torchscript",
     "onnx": "export.formats.onnx",
     "exported": "export.formats.program",
+    "pte": "export.formats.pte",
     "aoti": "export.formats.aoti",
 }
-#: every format; `aoti` compiles C++ for tens of seconds per package, so it is asked for explicitly
+#: every format; `aoti` compiles C++ for tens of seconds per package and `pte` needs ExecuTorch
+#: (the `edge` extra), so they are asked for explicitly
 FORMATS: Tuple[str, ...] = tuple(MODULES)
 DEFAULT_FORMATS: Tuple[str, ...] = ("torchscript", "onnx", "exported")
 
@@ -33,11 +35,11 @@ def get_format(name: str) -> Format:
 
 def format_of_file(path: Path) -> str:
     """The format of an exported file, from its name (`out.onnx`, `full.ep.pt2`,
-    `out.aoti.b1.pt2`); int8 files are onnx files quantized."""
+    `out.aoti.b1.pt2`, `out.pte`); int8 files are onnx files quantized."""
     name = Path(path).name
     if ".aoti." in name and name.endswith(ARTIFACT_SUFFIX["aoti"][len(".aoti"):]):
         return "aoti"
-    for fmt in ("exported", "onnx", "torchscript"):
+    for fmt in ("exported", "pte", "onnx", "torchscript"):
         if name.endswith(ARTIFACT_SUFFIX[fmt]):
             return fmt
     raise ExportError(f"{path}: not an exported file; expected a name ending in "

@@ -9,8 +9,6 @@ that `load_constants` (C++: `update_constant_buffer`) replaces in memory without
 """
 
 import io
-import subprocess
-import sys
 import tempfile
 import time
 import warnings
@@ -22,10 +20,9 @@ import torch
 from torch import Tensor
 
 from export.errors import ExportError, ParamsError
-from export.formats.base import Format, Layout, Source, used_parameters
+from export.formats.base import Format, Layout, Source, retrace_keeping_ranges, used_parameters, verify_in_fresh_process
 from export.store.flat_vector import Buffers, check_params_vector, layout_names, prefixed_buffers
 from export.store.manifest import ARTIFACT_SUFFIX, ProgramInfo
-from export.store.tolerance import compare, failed_stats
 
 #: inductor options every package is compiled with (recorded in the manifest and the package's
 #: metadata):
@@ -36,8 +33,8 @@ from export.store.tolerance import compare, failed_stats
 #:   and new weights would be silently ignored;
 #: - check_lowerbound off: with input checks on (AOTI_RUNTIME_CHECK_INPUTS=1) a dynamic-batch
 #:   package otherwise refuses batch 1 (torch.export assumes dynamic sizes >= 2; the compiled
-#:   code handles 1, verified at export). torch 2.14 has no such switch for the upper bound the
-#:   checks also apply (see load_package).
+#:   code handles 1, verified at export). The upper bound is the program's (compiled with
+#:   `retrace_keeping_ranges`: inductor's re-trace no longer narrows it to 15).
 AOTI_CONFIGS: Dict[str, Any] = {"freezing": True, "aot_inductor.use_runtime_constant_folding": True,
                                 "aot_inductor.check_lowerbound": False}
 
@@ -68,7 +65,7 @@ def compile_package(program: torch.export.ExportedProgram, metadata: Dict[str, s
     stamp = {"torch_version": torch.__version__, **metadata}
     buffer = io.BytesIO()
     start = time.perf_counter()
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), retrace_keeping_ranges(program):
         warnings.simplefilter("ignore")
         torch._inductor.aoti_compile_and_package(
             program, package_path=buffer,
@@ -92,9 +89,8 @@ def load_package(source: Union[Path, bytes], name: str = "package"):
     """`aoti_load_package` of a path or of bytes already checked against the manifest.
 
     Packages check input shapes only with AOTI_RUNTIME_CHECK_INPUTS=1 (a batch-1 package reads a
-    batch of 3 without it), and in torch 2.14 that check also puts a wrong upper bound on a
-    dynamic batch (15 for CIFAR ResNet-18, whose package is correct at 64 and 200), so it is not
-    turned on here: the aoti engine picks the package compiled for each call's batch size."""
+    batch of 3 without it); the aoti engine does not rely on it: it picks the package compiled
+    for each call's batch size. With the check on, a dynamic-batch package takes 1..4096."""
     data = io.BytesIO(source) if isinstance(source, bytes) else str(source)
     try:
         with warnings.catch_warnings():
@@ -238,17 +234,5 @@ def verify_fresh(jobs: List[tuple], device: str,
     them): jobs of (path, output names, inputs, expected), one child for all. `constants`
     (`package_state`: a published version's weights) are loaded into each package first."""
     held = {k: v.to(device) for k, v in (constants or {}).items()}
-    with tempfile.TemporaryDirectory(prefix="aoti-verify-") as tmp:
-        request, reply = Path(tmp) / "jobs.pt", Path(tmp) / "outputs.pt"
-        torch.save([(str(path), [x.to(device) for x in inputs], held) for path, _, inputs, _ in jobs], request)
-        proc = subprocess.run([sys.executable, "-I", "-c", _FRESH, str(request), str(reply)],
-                              capture_output=True, text=True)
-        if proc.returncode != 0:
-            last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-            return [failed_stats(names, f"fresh process failed: {last[:200]}") for _, names, _, _ in jobs]
-        outputs = torch.load(reply, weights_only=True)
-    results = []
-    for (_, names, inputs, expected), outs in zip(jobs, outputs):
-        replies = iter(outs)
-        results.append(compare(lambda x, r=replies: next(r), names, inputs, expected))
-    return results
+    return verify_in_fresh_process(
+        _FRESH, [(str(path), [x.to(device) for x in inputs], held) for path, _, inputs, _ in jobs], jobs)

@@ -79,6 +79,40 @@ def check_choices(values: Sequence[str], allowed: Sequence[str], what: str) -> L
     return [a for a in allowed if a in values]
 
 
+def check_pte_max_batch(max_batch: int) -> int:
+    """The batch bound of ExecuTorch programs: 1..MAX_BATCH."""
+    if isinstance(max_batch, bool) or not isinstance(max_batch, int) or not 1 <= max_batch <= MAX_BATCH:
+        raise ExportError(f"--pte-max-batch {max_batch!r}: the batch bound goes from 1 to {MAX_BATCH} "
+                          "(memory is planned for it)")
+    return max_batch
+
+
+def formats_for(net: MammothBackbone, formats: Optional[Sequence[str]] = None) -> List[str]:
+    """The formats to write for `net`: the given ones (a format the backbone cannot have is
+    refused in one line, with why), or by default every default format it can have."""
+    unsupported: Dict[str, str] = dict(getattr(net, "unsupported_formats", {}) or {})
+    if formats is None:
+        return [f for f in DEFAULT_FORMATS if f not in unsupported]
+    formats = check_choices(list(formats), FORMATS, "format")
+    for fmt in formats:
+        if fmt in unsupported:
+            allowed = [f for f in FORMATS if f not in unsupported]
+            raise ExportError(f"backbone {backbone_name(net)!r} is not exported as {fmt}: {unsupported[fmt]} "
+                              f"(its formats: {', '.join(allowed)})")
+    return formats
+
+
+def default_preprocessing(net: MammothBackbone) -> Optional[Preprocessing]:
+    """The input normalisation a backbone declares for itself (timm's data config), recorded
+    when the caller gives none."""
+    cfg = getattr(net, "data_config", None)
+    if not cfg:
+        return None
+    return Preprocessing(tuple(cfg["mean"]), tuple(cfg["std"]), str(cfg.get("source", "the backbone")),
+                         tuple(cfg["input_size"][1:]), interpolation=cfg.get("interpolation"),
+                         crop_pct=cfg.get("crop_pct"), crop_mode=cfg.get("crop_mode"))
+
+
 def check_aoti_batches(batches: Sequence[Optional[int]]) -> List[Optional[int]]:
     """Batch sizes of AOTInductor packages (None: any batch), sorted, duplicates dropped."""
     bad = [b for b in batches if b is not None and not 1 <= b <= MAX_BATCH]
@@ -174,7 +208,7 @@ def export_backbone(
     net: MammothBackbone,
     out_dir: Path,
     modes: Sequence[str] = RETURNT_MODES,
-    formats: Sequence[str] = DEFAULT_FORMATS,
+    formats: Optional[Sequence[str]] = None,
     input_shape: Optional[Tuple[int, ...]] = None,
     opset: Optional[int] = None,
     device: str = "cpu",
@@ -182,6 +216,8 @@ def export_backbone(
     preprocessing: Optional[Preprocessing] = None,
     onnx_weights: str = "embedded",
     aoti_batches: Sequence[Optional[int]] = (None,),
+    pte_max_batch: int = 64,
+    pte_params: bool = True,
 ) -> ExportResult:
     """Export `net` into `out_dir`: one file per mode and format, plus `manifest.json`.
 
@@ -191,29 +227,43 @@ def export_backbone(
             `<mode>.aoti.pt2`, manifest.json). It is replaced whole, and only when every file passed
             verification; otherwise (failure, error, SIGINT/SIGTERM, SIGKILL) what it held
             before stays exactly as it was. Another process exporting into it is refused.
-        modes, formats: subsets of `RETURNT_MODES` and `FORMATS`.
+        modes, formats: subsets of `RETURNT_MODES` and `FORMATS` (formats default: every
+            one of DEFAULT_FORMATS the backbone can have, `net.unsupported_formats`).
         input_shape: C,H,W of the example input (default: the backbone's).
         opset: ONNX opset (default: the exporter's).
         device: where eager, TorchScript and onnxruntime run (cpu, cuda, cuda:N).
         source: what the weights are, recorded in the manifest.
         preprocessing: the input normalisation the model was trained with, recorded in the
             manifest; with `baked=True` every graph applies it (its input is then [0, 1] images).
+            Default: what the backbone declares (timm's data config), else none.
         onnx_weights: "embedded" (each ONNX file self-contained) or "shared" (one
             `weights.onnx.data` that every mode's graph refers to). Models of 2 GiB of weights or
             more are always exported shared: a self-contained ONNX file cannot hold them.
         aoti_batches: the AOTInductor packages per mode (with "aoti" in `formats`): None for
             `<mode>.aoti.pt2` (any batch size), N for `<mode>.aoti.b<N>.pt2` (batch N only;
             measured on CIFAR ResNet-18 no faster than the any-batch package, docs/benchmarks.md).
+        pte_max_batch: the batch bound of ExecuTorch programs (with "pte" in `formats`):
+            `<mode>.pte` takes batches 1..pte_max_batch at the export's H x W; its memory is
+            planned for the bound.
+        pte_params: give each `.pte` a `get_params` method returning the flat vector (XNNPACK's
+            packed weights are not it; the file grows by the weights' size).
     Returns:
         An ExportResult; `ok` is False (and nothing was replaced) if any artifact failed.
     """
     modes = check_choices(list(modes), RETURNT_MODES, "mode")
-    formats = check_choices(list(formats), FORMATS, "format")
+    formats = formats_for(net, formats)
+    if preprocessing is None:
+        preprocessing = default_preprocessing(net)
     check_device(device)
     check_opset(opset)
     if onnx_weights not in ONNX_WEIGHTS:
         raise ExportError(f"unknown --onnx-weights {onnx_weights!r}; allowed: {', '.join(ONNX_WEIGHTS)}")
     aoti_batches = check_aoti_batches(aoti_batches)
+    check_pte_max_batch(pte_max_batch)
+    if "pte" in formats:
+        from export.formats.pte import executorch_version
+
+        executorch_version()
     if "aoti" in formats:
         from export.formats.aoti import check_compiler
 
@@ -226,7 +276,7 @@ def export_backbone(
     _refuse_versioned(Path(out_dir))
     with DirectoryTransaction(Path(out_dir)) as tx:
         result = _write_verified_set(net, tx.staging, modes, formats, shape, opset, device, source,
-                                     preprocessing, onnx_weights, aoti_batches)
+                                     preprocessing, onnx_weights, aoti_batches, pte_max_batch, pte_params)
         if result.ok:
             tx.commit()
     result.directory = Path(out_dir)
@@ -253,7 +303,8 @@ def _write_verified_set(net: MammothBackbone, out_dir: Path, modes: Sequence[str
                         device: str, source: Optional[Dict[str, Any]],
                         preprocessing: Optional[Preprocessing] = None,
                         onnx_weights: str = "embedded",
-                        aoti_batches: Sequence[Optional[int]] = (None,)) -> ExportResult:
+                        aoti_batches: Sequence[Optional[int]] = (None,), pte_max_batch: int = 64,
+                        pte_params: bool = True) -> ExportResult:
     """Write and verify every artifact and the manifest into `out_dir` (a staging directory).
 
     One way through: trace the 'full' head once -> derive each mode's program -> hand each
@@ -303,7 +354,7 @@ def _write_verified_set(net: MammothBackbone, out_dir: Path, modes: Sequence[str
     # 3. write and verify each file against eager
     with timed("eager"):
         expected = {m: eager_outputs(net, m, inputs, device, preprocess) for m in modes}
-    for fmt in [f for f in formats if f != "aoti"]:
+    for fmt in [f for f in formats if f not in ("aoti", "pte")]:
         for mode in modes:
             path = out_dir / artifact_name(mode, fmt)
             with timed(f"{fmt}_write"), atomic_path(path) as tmp:
@@ -312,6 +363,8 @@ def _write_verified_set(net: MammothBackbone, out_dir: Path, modes: Sequence[str
                 rec.programs[path.name] = {"format": fmt, "mode": mode, "batch": None, "dynamic": dynamic_dims(net)}
             with timed(f"{fmt}_verify"):
                 rec.add(fmt, mode, path, verify_file(fmt, path, outputs[mode], inputs, expected[mode], device))
+    if "pte" in formats:
+        _write_pte(net, out_dir, modes, pte_max_batch, shape, device, preprocess, rec, timed, pte_params)
     if "aoti" in formats:
         _write_aoti(net, out_dir, modes, aoti_batches, full_program, shape, device, preprocess, rec, timed)
 
@@ -406,6 +459,36 @@ def _write_aoti(net: MammothBackbone, out_dir: Path, modes: Sequence[str], batch
         results = verify_fresh(jobs, device)
     for (path, *_), result in zip(jobs, results):
         rec.add("aoti", path.name, path, result)
+
+
+def _write_pte(net: MammothBackbone, out_dir: Path, modes: Sequence[str], max_batch: int,
+               shape: Tuple[int, ...], device: str, preprocess, rec: _Record, timed, params: bool = True) -> None:
+    """Lower every mode to an XNNPACK ExecuTorch program from one trace with the batch bounded
+    by `max_batch` and H x W fixed (ExecuTorch plans memory for the bounds), then verify them
+    all with ExecuTorch's runtime in one fresh process at batch 1, 3 and `max_batch`."""
+    from export.formats.pte import verify_fresh
+
+    full_names = net.output_names()
+    outputs = mode_outputs(full_names)
+    with timed("torch_export"):
+        traced = export_program(net, "full", shape, "cpu", preprocess, max_batch=max_batch, fixed_hw=True)
+    batches = sorted({b for b in (1, _LARGEST_BATCH, max_batch) if b <= max_batch})
+    ins = sample_inputs(shape, images=preprocess is not None, batches=batches)
+    expected = {m: eager_outputs(net, m, ins, device, preprocess) for m in modes}
+    jobs: List[tuple] = []
+    for mode in modes:
+        path = out_dir / artifact_name(mode, "pte")
+        with timed("pte_lower"), atomic_path(path) as tmp:
+            info = get_format("pte").write(derive_program(traced, mode, full_names), tmp, max_batch=max_batch,
+                                           flat_params=net.get_params().cpu() if params else None)
+        rec.programs[path.name] = {"format": "pte", "mode": mode, "batch": 1 if max_batch == 1 else None,
+                                   "dynamic": dynamic_dims(net, 1 if max_batch == 1 else None, fixed_hw=True),
+                                   **info}
+        jobs.append((path, outputs[mode], ins, expected[mode]))
+    with timed("pte_verify"):
+        results = verify_fresh(jobs)
+    for mode, (path, *_), result in zip(modes, jobs, results):
+        rec.add("pte", mode, path, result)
 
 
 def _output_entries(net: MammothBackbone, input_shape: Tuple[int, ...], device: str) -> Dict[str, Dict[str, Any]]:

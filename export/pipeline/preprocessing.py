@@ -6,7 +6,7 @@ images with a fixed mean/std after scaling them to [0, 1]. Feeding raw [0, 1] im
 export of such a model without that normalisation silently changes its predictions.
 """
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any, Dict, Optional, Sequence, Tuple
 
 import torch
@@ -64,9 +64,14 @@ class Preprocessing:
     source: str
     input_size: Optional[Tuple[int, int]] = None
     baked: bool = False
+    #: how images are resized and cropped to `input_size` before (timm's data config)
+    interpolation: Optional[str] = None
+    crop_pct: Optional[float] = None
+    crop_mode: Optional[str] = None
 
     def manifest(self) -> Dict[str, Any]:
-        entry = asdict(self)
+        entry = {k: v for k, v in asdict(self).items()
+                 if v is not None or k not in ("interpolation", "crop_pct", "crop_mode")}
         entry.update(channel_order="RGB" if len(self.mean) == 3 else "single channel",
                      value_range=[0.0, 1.0], layout="NCHW")
         entry["input"] = ("images in [0, 1]: the graph normalises them" if self.baked else
@@ -84,9 +89,11 @@ def parse_floats(text: str, what: str) -> Tuple[float, ...]:
 
 
 def resolve(channels: int, dataset: Optional[str] = None, mean: Optional[str] = None,
-            std: Optional[str] = None, bake: bool = False) -> Optional[Preprocessing]:
-    """The preprocessing from `--mean/--std` (first) or a Mammoth dataset name; None if neither.
-    One-line errors for an unknown dataset, a wrong number of channels or a non-positive std."""
+            std: Optional[str] = None, bake: bool = False,
+            default: Optional[Preprocessing] = None) -> Optional[Preprocessing]:
+    """The preprocessing from `--mean/--std` (first), a Mammoth dataset name, or `default` (what
+    the backbone declares); None if none. One-line errors for an unknown dataset, a wrong
+    number of channels or a non-positive std."""
     if (mean is None) != (std is None):
         raise ExportError("--mean and --std go together (one value per input channel each)")
     if mean is not None:
@@ -97,6 +104,8 @@ def resolve(channels: int, dataset: Optional[str] = None, mean: Optional[str] = 
                               f"known: {', '.join(sorted(MAMMOTH_DATASETS))} (or give --mean/--std)")
         m, s, size = MAMMOTH_DATASETS[dataset]
         prep = Preprocessing(m, s, f"Mammoth dataset {dataset}", size)
+    elif default is not None:
+        prep = default
     else:
         if bake:
             raise ExportError("--bake-preprocessing needs the normalisation: --mean/--std, or a "
@@ -107,7 +116,7 @@ def resolve(channels: int, dataset: Optional[str] = None, mean: Optional[str] = 
                           f"{len(prep.std)} std values; the backbone takes {channels} channel(s)")
     if min(prep.std) <= 0:
         raise ExportError(f"std {list(prep.std)}: every value must be positive")
-    return Preprocessing(prep.mean, prep.std, prep.source, prep.input_size, bake)
+    return replace(prep, baked=bake)
 
 
 class Normalize(nn.Module):

@@ -240,6 +240,11 @@ def publish(directory: Path, checkpoints: Sequence[Path], sign_key: Optional[Pat
     manifest = read_manifest(directory)
     if not manifest.artifacts():
         raise ExportError(f"{directory}: no float32 export files to publish weights for")
+    lowered = sorted(n for _, fmt, n, _ in manifest.artifacts() if fmt == "pte")
+    if lowered:
+        raise ExportError(f"{directory}: {', '.join(lowered)}: a .pte runs the weights it was lowered with, "
+                          "so a version cannot run in it; publish into an export without pte (--formats) and "
+                          "lower each task's weights with python -m export BACKBONE --checkpoint CKPT --formats pte")
     ordered = in_task_order(checkpoints)
     ckpts = [read_checkpoint(p, allow_unsafe_pickle) for p in ordered]
     nets = [check_checkpoint(c, manifest, directory) for c in ckpts]  # all refused before any work

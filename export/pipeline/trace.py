@@ -20,33 +20,39 @@ MAX_BATCH = 4096
 EXAMPLE_BATCH = 2
 
 
-def dynamic_shapes(net: MammothBackbone, batch: Optional[int] = None) -> Dict[str, Dict[int, Any]]:
-    """The input's dynamic dimensions: batch (unless `batch` fixes it) and, for backbones that
-    take any H and W, height and width (Dim.AUTO: kept dynamic only where the graph allows)."""
-    dims: Dict[int, Any] = {} if batch is not None else {0: torch.export.Dim("batch", min=1, max=MAX_BATCH)}
-    if getattr(net, "dynamic_hw", False):
+def dynamic_shapes(net: MammothBackbone, batch: Optional[int] = None, max_batch: int = MAX_BATCH,
+                   fixed_hw: bool = False) -> Dict[str, Dict[int, Any]]:
+    """The input's dynamic dimensions: batch (unless `batch` fixes it; at most `max_batch`) and,
+    for backbones that take any H and W (unless `fixed_hw`), height and width (Dim.AUTO: kept
+    dynamic only where the graph allows)."""
+    dims: Dict[int, Any] = {} if batch is not None else {0: torch.export.Dim("batch", min=1, max=max_batch)}
+    if getattr(net, "dynamic_hw", False) and not fixed_hw:
         dims[2] = torch.export.Dim.AUTO
         dims[3] = torch.export.Dim.AUTO
     return {"x": dims}
 
 
-def dynamic_dims(net: MammothBackbone, batch: Optional[int] = None) -> List[str]:
+def dynamic_dims(net: MammothBackbone, batch: Optional[int] = None, fixed_hw: bool = False) -> List[str]:
     """Names of the input dimensions a program of `net` leaves free (for the manifest)."""
     names = [] if batch is not None else ["batch"]
-    return names + (["height", "width"] if getattr(net, "dynamic_hw", False) else [])
+    return names + (["height", "width"] if getattr(net, "dynamic_hw", False) and not fixed_hw else [])
 
 
 def export_program(net: MammothBackbone, mode: str, input_shape: Tuple[int, ...], device: str = "cpu",
                    preprocess: Optional[torch.nn.Module] = None,
-                   batch: Optional[int] = None) -> torch.export.ExportedProgram:
+                   batch: Optional[int] = None, max_batch: int = MAX_BATCH,
+                   fixed_hw: bool = False) -> torch.export.ExportedProgram:
     """`torch.export.export` of `mode`'s head (eval). With `batch`, that batch size is fixed
-    (what AOTInductor compiles fastest code for); otherwise it is dynamic, 1..MAX_BATCH."""
+    (what AOTInductor compiles fastest code for); otherwise it is dynamic, 1..`max_batch`.
+    `fixed_hw`: H and W stay those of `input_shape` (ExecuTorch plans memory for bounded sizes)."""
+    if batch is None and max_batch == 1:
+        batch = 1  # a dynamic dimension needs a range of at least two sizes
     head = make_head(net, mode, preprocess)
     # seeded: the program file stores its example input, and exports are byte-reproducible
     example = torch.randn(batch or EXAMPLE_BATCH, *input_shape, generator=torch.Generator().manual_seed(0)).to(device)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # deprecation chatter from inside torch.export
-        return torch.export.export(head, (example,), dynamic_shapes=dynamic_shapes(net, batch),
+        return torch.export.export(head, (example,), dynamic_shapes=dynamic_shapes(net, batch, max_batch, fixed_hw),
                                    strict=False)
 
 

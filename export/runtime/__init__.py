@@ -37,7 +37,8 @@ def load(directory: Union[str, Path], engine: str = "onnxruntime", precision: st
         engine: onnxruntime (`<mode>.onnx`), openvino (the same files, compiled by OpenVINO
             for the CPU with an explicit precision hint), torchscript (`<mode>.pt`), exported
             (`<mode>.ep.pt2` through `torch.export.load(...).module()`) or aoti
-            (`<mode>.aoti.pt2` / `<mode>.aoti.b<N>.pt2`, compiled C++).
+            (`<mode>.aoti.pt2` / `<mode>.aoti.b<N>.pt2`, compiled C++) or executorch
+            (`<mode>.pte`, XNNPACK, batches up to the bound it was lowered for).
         precision: fp32; bf16 (openvino, on CPUs with bf16 support); int8 (onnxruntime and
             openvino, from the files `python -m export quantize` writes).
         threads: intra-op threads (None: torch's thread count).
@@ -59,6 +60,10 @@ def load(directory: Union[str, Path], engine: str = "onnxruntime", precision: st
         from export.runtime.openvino_engine import OpenVinoBackbone
 
         net = OpenVinoBackbone(directory, precision=precision, threads=threads, verify_hashes=verify_hashes)
+    elif engine == "executorch":
+        from export.runtime.executorch_engine import ExecutorchBackbone
+
+        net = ExecutorchBackbone(directory, threads=threads, device=device, verify_hashes=verify_hashes)
     else:
         from export.runtime.torch_engines import TORCH_ENGINES
 
@@ -93,6 +98,14 @@ def available_pairs(manifest: Manifest, mode: str = "out") -> List[Tuple[str, st
     except ExportError:
         pass  # openvino not installed: its pairs are not available here
     pairs += [(engine, "fp32") for engine in ("torchscript", "exported") if has[engine]]
+    if artifact_name(mode, "pte") in files:
+        try:
+            from export.formats.pte import executorch_version
+
+            executorch_version()
+            pairs.append(("executorch", "fp32"))
+        except ExportError:
+            pass  # executorch not installed
     if None in manifest.aoti_packages(mode):
         pairs.append(("aoti", "fp32"))
     return pairs

@@ -18,6 +18,7 @@ ENGINES: Dict[str, Tuple[str, ...]] = {
     "torchscript": ("fp32",),
     "exported": ("fp32",),
     "aoti": ("fp32",),
+    "executorch": ("fp32",),
 }
 
 

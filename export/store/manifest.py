@@ -25,9 +25,10 @@ SHARED_WEIGHTS = "weights.onnx.data"
 VERSIONS_DIR = "versions"
 #: file name of each kind of artifact, after the mode: `out.pt`, `full.onnx`, `out.int8.onnx`
 ARTIFACT_SUFFIX = {"torchscript": ".pt", "onnx": ".onnx", "int8": ".int8.onnx", "exported": ".ep.pt2",
-                   "aoti": ".aoti.pt2"}
-#: the float32 formats, in the order every listing uses
-FLOAT_FORMATS = ("torchscript", "onnx", "exported", "aoti")
+                   "pte": ".pte", "aoti": ".aoti.pt2"}
+#: the float32 formats, in the order every listing uses (AOTInductor last: its packages are
+#: listed per batch size)
+FLOAT_FORMATS = ("torchscript", "onnx", "exported", "pte", "aoti")
 
 
 def artifact_name(mode: str, kind: str) -> str:
@@ -105,7 +106,7 @@ class FlatParams(_Entry):
 
 
 class ProgramInfo(_Entry):
-    """A torch.export program or an AOTInductor package."""
+    """A torch.export program, an ExecuTorch program or an AOTInductor package."""
 
     format: str
     mode: str
@@ -120,6 +121,15 @@ class ProgramInfo(_Entry):
     compiler: Optional[str] = None
     inductor_configs: Optional[Dict[str, Any]] = None
     metadata: Optional[Dict[str, Any]] = None
+    #: ExecuTorch: the runtime version that lowered it, its delegate, the share of operators
+    #: the delegate runs, the batch bound its memory is planned for and that memory
+    executorch: Optional[str] = None
+    backend: Optional[str] = None
+    delegated_ops_pct: Optional[float] = None
+    max_batch: Optional[int] = None
+    planned_bytes: Optional[int] = None
+    #: ExecuTorch: whether the program has the `get_params` method (the flat vector)
+    flat_params: Optional[bool] = None
 
 
 class WeightVersion(_Entry):
@@ -204,13 +214,18 @@ class Manifest(_Entry):
 
     def artifacts(self) -> List[tuple]:
         """(mode, format, file name, batch) of every listed artifact of the float32 formats;
-        batch is None except for an AOTInductor package compiled for one batch size."""
+        batch is None except for a file made for one batch size (AOTInductor, ExecuTorch)."""
         found = []
         for mode in self.modes:
-            found += [(mode, fmt, artifact_name(mode, fmt), None) for fmt in FLOAT_FORMATS[:-1]
-                      if artifact_name(mode, fmt) in self.files]
+            found += [(mode, fmt, artifact_name(mode, fmt), self._fixed_batch(artifact_name(mode, fmt)))
+                      for fmt in FLOAT_FORMATS[:-1] if artifact_name(mode, fmt) in self.files]
             found += [(mode, "aoti", name, batch) for batch, name in self.aoti_packages(mode).items()]
         return found
+
+    def _fixed_batch(self, name: str) -> Optional[int]:
+        """The one batch size a file takes (an ExecuTorch program lowered for batch 1), else None."""
+        info = self.programs.get(name)
+        return info.batch if info is not None and info.format == "pte" else None
 
     def output_names(self, mode: str) -> List[str]:
         """The output names of `mode`, in its returned order."""
