@@ -20,7 +20,7 @@ REQUESTS ?= 2000
 CONCURRENCY ?= 32
 REPO ?= triton-repo
 
-.PHONY: install test lint export export-aoti export-all bench serve loadtest triton clean help
+.PHONY: install test lint export export-aoti export-all bench zoo-table serve loadtest triton clean help
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*##/\t/'
@@ -28,7 +28,7 @@ help:  ## list the targets
 $(STAMP): pyproject.toml constraints.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -c constraints.txt -e '.[test,bench,serve,sign]'
+	$(PY) -m pip install --quiet -c constraints.txt -e '.[test,bench,serve,sign,timm,edge]'
 	@# the `python -m zoo list` table, cached (keyed by the sources): the first listing is instant too
 	$(PY) -m zoo list > /dev/null
 	@touch $(STAMP)
@@ -55,6 +55,9 @@ export-all: $(STAMP)  ## export every registered backbone
 bench: $(STAMP)  ## every engine x precision, timed in interleaved rounds: $(OUT)/bench.json and bench.png
 	@mkdir -p $(OUT)
 	$(PY) -m export bench --json $(OUT)/bench.json --plot $(OUT)/bench.png $(ARGS)
+
+zoo-table: $(STAMP)  ## measure every backbone (~30 min) into docs/zoo.md and docs/zoo.csv: make zoo-table [ARGS="--names 'timm-*'"]
+	$(PY) -m export zoo-table $(ARGS)
 
 serve: $(STAMP)  ## serve export directories on Ray Serve (Open Inference Protocol): make serve DIRS=artifacts/resnet [ARGS="--replicas 2"]
 	$(PY) -m export serve $(DIRS) --port $(PORT) $(ARGS)

@@ -64,7 +64,8 @@ def test_bench_report_and_json(tmp_path, capsys):
     text = capsys.readouterr().out
     report = json.loads(out.read_text())
     runtimes = {r["runtime"] for r in report["results"]}
-    assert {"eager", "torchscript-frozen", "ort-fp32", "ort-int8", "openvino-fp32", "openvino-int8"} <= runtimes
+    assert {"eager", "torchscript-frozen", "ort-fp32", "ort-int8", "openvino-fp32", "openvino-int8",
+            "executorch-fp32", "executorch-int8"} <= runtimes
     assert {r["batch"] for r in report["results"]} == {1, 4}
     assert report["flops_per_image"] > 2 * 784 * 100  # counted, not typed
     for r in report["results"]:

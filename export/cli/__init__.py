@@ -16,6 +16,7 @@ Ray, bench OpenVINO). The library (`export.pipeline`, `export.runtime`, ...) nev
     python -m export publish artifacts/resnet run_0.pt run_1.pt      # weight versions, verified
     python -m export versions artifacts/resnet [--keep 3]            # list / prune them
     python -m export rollout artifacts/resnet --version 2            # move a running deployment
+    python -m export zoo-table [--names 'timm-*']                    # docs/zoo.md, measured here
 
 `python -m export BACKBONE --help` lists that backbone's own arguments.
 """
@@ -29,15 +30,16 @@ from zoo.weights import CheckpointError
 
 #: subcommand -> its module under export.cli, with a run_<subcommand>(argv)
 SUBCOMMANDS = ("verify", "params", "quantize", "accuracy", "bench", "serve", "loadtest", "triton", "publish",
-               "versions", "rollout")
+               "versions", "rollout", "zoo-table")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         command = argv[0] if argv and argv[0] in SUBCOMMANDS else "export"
-        module = importlib.import_module(f"export.cli.{command}")
-        return getattr(module, f"run_{command}")(argv[1:] if command != "export" else argv)
+        module_name = command.replace("-", "_")
+        module = importlib.import_module(f"export.cli.{module_name}")
+        return getattr(module, f"run_{module_name}")(argv[1:] if command != "export" else argv)
     except (ExportError, CheckpointError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -36,6 +36,9 @@ def run_bench(argv: Sequence[str]) -> int:
     parser.add_argument("--plot", type=Path, help="also plot images/s per runtime and batch size (PNG)")
     parser.add_argument("--no-aoti", dest="aoti", action="store_false",
                         help="skip the AOTInductor packages (compiling them takes ~1 min)")
+    parser.add_argument("--no-pte", dest="pte", action="store_false",
+                        help="skip the ExecuTorch rows (lowering fp32 and int8 takes ~40 s; they need the "
+                             "edge extra)")
     args = parser.parse_args(argv)
     try:
         entry = get_entry(args.backbone)
@@ -54,8 +57,12 @@ def run_bench(argv: Sequence[str]) -> int:
     check_option("--threads", args.threads, args.threads >= 1, "an integer >= 1")
     check_option("--seconds", args.seconds, args.seconds > 0, "a number > 0")
     log = lambda msg: tqdm.write(msg, file=sys.stderr)  # noqa: E731
+    if args.pte:
+        from export.formats.pte import executorch_version
+
+        executorch_version()  # one line naming the extra (or --no-pte) before any work
     report = run_benchmark(entry.name, kwargs, batches, args.threads, args.seconds, args.rounds,
-                           args.train_seconds, args.aoti, log)
+                           args.train_seconds, args.aoti, log, pte=args.pte)
     print(format_report(report))
     if args.json:
         write_json(args.json, report)

@@ -1,8 +1,8 @@
 """`python -m export bench` (`make bench`): every engine x precision on one backbone.
 
-Eager, TorchScript (frozen), onnxruntime fp32/int8, OpenVINO fp32/bf16/int8 and AOTInductor
-(any-batch and per-batch packages) at batch sizes 1, 8, 64 (default CIFAR ResNet-18, 64
-filters): latency, images/s, ratio to onnxruntime fp32, GFLOP/s (FLOPs counted by
+Eager, TorchScript (frozen), onnxruntime fp32/int8, OpenVINO fp32/bf16/int8, ExecuTorch
+(XNNPACK fp32/int8) and AOTInductor (any-batch and per-batch packages) at batch sizes 1, 8, 64
+(default CIFAR ResNet-18, 64 filters): latency, images/s, ratio to onnxruntime fp32, GFLOP/s (FLOPs counted by
 torch.utils.flop_counter) and the share of this machine's fp32 peak (the best large matmul in
 torch and in onnxruntime, measured in the same run). Each runtime is timed in blocks over
 several interleaved rounds (a runtime's threads still spinning distort the next one, and the
@@ -143,7 +143,8 @@ def build_runtimes(net: torch.nn.Module, directory: Path, shape: Sequence[int], 
     TorchScript, onnxruntime fp32/int8, OpenVINO fp32/bf16/int8 where installed (bf16 where the
     CPU has it), the AOTInductor packages where built (any batch; one per batch size). int8 is
     calibrated on random inputs here: this model has random weights, and only speed is timed."""
-    quantize_directory(directory, builtin_calibration(shape, 32), ["out"])
+    calibration = builtin_calibration(shape, 32)
+    quantize_directory(directory, calibration, ["out"])
     with jit_deprecations_silenced():  # still what TorchScript users run
         frozen = torch.jit.freeze(load_torchscript(directory / artifact_name("out", "torchscript")).eval())
     runtimes: Dict[str, Callable[[np.ndarray, torch.Tensor], Any]] = {
@@ -163,7 +164,31 @@ def build_runtimes(net: torch.nn.Module, directory: Path, shape: Sequence[int], 
     if not any(e == "openvino" for e, _ in pairs):
         log("openvino not installed (make install installs it): its rows are skipped")
     runtimes.update(_aoti_runtimes(directory))
+    runtimes.update(_executorch_runtimes(net, directory, shape, calibration, log))
     return runtimes
+
+
+def _executorch_runtimes(net: torch.nn.Module, directory: Path, shape: Sequence[int], calibration: np.ndarray,
+                         log) -> Dict[str, Callable[[np.ndarray, torch.Tensor], Any]]:
+    """'executorch-fp32' (the export's out.pte, through the executorch engine) and
+    'executorch-int8' (the same program quantized for XNNPACK with the calibration inputs the
+    onnxruntime and OpenVINO int8 rows use, lowered here)."""
+    manifest = read_manifest(directory)
+    if artifact_name("out", "pte") not in manifest.files:
+        return {}
+    from export.formats.pte import LoadedProgram, lower_int8
+    from export.pipeline.trace import export_program
+
+    fp32 = load(directory, engine="executorch").method("out")
+    max_batch = manifest.programs[artifact_name("out", "pte")].max_batch or 1
+    log(f"quantizing and lowering the ExecuTorch int8 program (batch up to {max_batch}) ...")
+    program = export_program(net, "out", tuple(shape), "cpu", max_batch=max_batch, fixed_hw=True)
+    data, _ = lower_int8(program, torch.from_numpy(calibration), max_batch)
+    from executorch.runtime import Runtime
+
+    int8 = LoadedProgram(data, Runtime.get().load_program(data))
+    return {"executorch-fp32": lambda a, t: fp32.execute([t]),
+            "executorch-int8": lambda a, t: int8.execute([t])}
 
 
 def _aoti_runtimes(directory: Path) -> Dict[str, Callable[[np.ndarray, torch.Tensor], Any]]:
@@ -290,7 +315,8 @@ def stamp() -> Dict[str, Any]:
 
 
 def run_benchmark(backbone: str, kwargs: Dict[str, Any], batches: Sequence[int], threads: int, seconds: float,
-                  rounds: int, train_seconds: float, aoti: bool, log: Callable[[str], None]) -> Dict[str, Any]:
+                  rounds: int, train_seconds: float, aoti: bool, log: Callable[[str], None],
+                  pte: bool = True) -> Dict[str, Any]:
     """Build, export, measure every runtime, check accuracy on digits; the report."""
     torch.set_num_threads(threads)
     torch.manual_seed(0)
@@ -302,11 +328,11 @@ def run_benchmark(backbone: str, kwargs: Dict[str, Any], batches: Sequence[int],
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         log(f"exporting {backbone} {kwargs} ...")
-        formats = ["torchscript", "onnx", "exported"] + (["aoti"] if aoti else [])
+        formats = ["torchscript", "onnx", "exported"] + (["pte"] if pte else []) + (["aoti"] if aoti else [])
         if aoti:
             log(f"compiling AOTInductor packages (any batch, and batch {', '.join(map(str, batches))}) ...")
         result = export_backbone(net, tmp / "bench", modes=["out"], formats=formats,
-                                 aoti_batches=[None, *batches])
+                                 aoti_batches=[None, *batches], pte_max_batch=max(batches))
         compile_seconds = {name: info.seconds for name, info in result.manifest.programs.items()
                            if info.format == "aoti"}
         runtimes = build_runtimes(net, result.directory, shape, threads, log)
