@@ -13,6 +13,7 @@ OUT ?= artifacts
 PYTEST_ARGS ?=
 
 AOTI_BATCH ?= dynamic
+AOTI_WEIGHTS ?= replaceable
 DIRS ?= $(OUT)/$(BACKBONE)
 PORT ?= 8000
 MODEL ?= $(BACKBONE)
@@ -45,16 +46,20 @@ lint: $(STAMP)  ## ruff and the import-linter contracts (layers, formats, regist
 export: $(STAMP)  ## export one backbone: make export BACKBONE=resnet [ARGS="--depth 34"]
 	$(PY) -m export $(BACKBONE) --example-args --out $(OUT) $(ARGS)
 
-export-aoti: $(STAMP)  ## export with AOTInductor packages too: make export-aoti BACKBONE=resnet [AOTI_BATCH=dynamic,1]
+export-aoti: $(STAMP)  ## export with AOTInductor packages too: make export-aoti BACKBONE=resnet [AOTI_BATCH=dynamic,1] [AOTI_WEIGHTS=frozen]
 	$(PY) -m export $(BACKBONE) --example-args --out $(OUT) --formats torchscript,onnx,exported,aoti \
-		--aoti-batch $(AOTI_BATCH) $(ARGS)
+		--aoti-batch $(AOTI_BATCH) --aoti-weights $(AOTI_WEIGHTS) $(ARGS)
 
 export-all: $(STAMP)  ## export every registered backbone
 	$(PY) -m export --all --out $(OUT) $(ARGS)
 
-bench: $(STAMP)  ## every engine x precision, timed in interleaved rounds: $(OUT)/bench.json and bench.png
+bench: $(STAMP)  ## every engine x precision, timed: $(OUT)/bench.json, bench.png; DIR=artifacts/resnet: that export's fastest engine, saved for load(DIR)
 	@mkdir -p $(OUT)
+ifdef DIR
+	$(PY) -m export bench $(DIR) --save --json $(OUT)/bench-dir.json $(ARGS)
+else
 	$(PY) -m export bench --json $(OUT)/bench.json --plot $(OUT)/bench.png $(ARGS)
+endif
 
 zoo-table: $(STAMP)  ## measure every backbone (~30 min) into docs/zoo.md and docs/zoo.csv: make zoo-table [ARGS="--names 'timm-*'"]
 	$(PY) -m export zoo-table $(ARGS)

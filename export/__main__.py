@@ -1,8 +1,6 @@
 """Entry point of `python -m export` and the `returnt-export` console script."""
 
-import sys
-
-from export.cli import main
+from export.cli import run
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

@@ -117,20 +117,40 @@ def test_input_check_keeps_the_exported_batch_range(name, aoti_export):
 
 
 @pytest.mark.parametrize("name", ["resnet18"])
-def test_fixed_batch_package(name, aoti_export, tmp_path):
-    """--aoti-batch 2: `out.aoti.b2.pt2`, used at batch 2; other sizes are refused by name."""
+def test_fixed_batch_frozen_package(name, aoti_export, tmp_path):
+    """--aoti-batch 2 --aoti-weights frozen: `out.aoti.b2.pt2` with oneDNN convolutions (BatchNorm
+    and the residual adds fused into prepacked kernels), used at batch 2; other sizes are refused
+    by name; its weights are fixed, and set_params, get_params and publish say so in one line."""
+    import re
+    import zipfile
+
+    from tests.continual import task_checkpoints
+
     net, shape = build_small(name)
     result = export_backbone(net, tmp_path / "b2", modes=["out"], formats=["aoti"], input_shape=shape,
-                             aoti_batches=[2])
+                             aoti_batches=[2], aoti_weights="frozen")
     assert result.ok and sorted(result.manifest.files) == ["out.aoti.b2.pt2"]
     info = result.manifest.programs["out.aoti.b2.pt2"]
     assert info.batch == 2 and info.dynamic == ["height", "width"]
+    assert info.aoti_weights == "frozen" and info.weights_replaceable is False
+    assert info.inductor_configs["freezing"] is True and info.inductor_configs["cpp.weight_prepack"] is True
+    with zipfile.ZipFile(result.directory / "out.aoti.b2.pt2") as archive:
+        code = "".join(archive.read(n).decode(errors="ignore") for n in archive.namelist() if n.endswith(".cpp"))
+    kernels = re.findall(r"aoti_torch_cpu_(?:mkldnn__convolution_pointwise\w*|convolution)\b", code)
+    assert kernels and all("mkldnn" in k for k in kernels), sorted(set(kernels))  # no generic aten conv left
     runtime = load(result.directory, engine="aoti")
     x = torch.randn(2, *shape)
     with torch.no_grad():
         assert_within_bound(runtime(x).numpy(), net(x).numpy())
     with pytest.raises(ValueError, match=r"batch 3: the 'out' packages .* were compiled for batch 2 only"):
         runtime(torch.randn(3, *shape))
+    with pytest.raises(ParamsError, match=r"out.aoti.b2.pt2: compiled with --aoti-weights frozen .* "
+                                          r"re-export with --aoti-weights replaceable"):
+        runtime.set_params(net.get_params())
+    with pytest.raises(ParamsError, match="compiled with --aoti-weights frozen, its weights are folded"):
+        runtime.get_params()
+    ckpt = task_checkpoints(tmp_path / "ckpts", name, 1, **result.manifest.backbone.args)[-1]
+    assert main(["publish", str(result.directory), str(ckpt)]) != 0
     # loaded directly, the package checks its input (turned on by our loader, and by the C++ example)
     code = (f"import os, torch; os.environ['AOTI_RUNTIME_CHECK_INPUTS'] = '1'; "
             f"m = torch._inductor.aoti_load_package({str(result.directory / 'out.aoti.b2.pt2')!r}); "
@@ -258,7 +278,7 @@ def test_aoti_params_are_not_a_silent_no_op(name, aoti_export, tmp_path):
         net[1].weight.uniform_(0.5, 1.5)
         net[1].running_var.uniform_(0.5, 1.5)
     program = torch.export.export(net, (torch.randn(2, 3, 8, 8),))
-    frozen = {k: v for k, v in AOTI_CONFIGS.items() if k != "aot_inductor.use_runtime_constant_folding"}
+    frozen = {k: v for k, v in AOTI_CONFIGS["replaceable"].items() if k != "aot_inductor.use_runtime_constant_folding"}
     data, _ = compile_package(program, {}, configs=frozen)
     assert replaceable_weights(program, data) is False
     # the engine refuses set_params for a directory whose package is recorded so
@@ -277,10 +297,12 @@ def test_aoti_params_are_not_a_silent_no_op(name, aoti_export, tmp_path):
 def test_bench_has_aoti_rows(tmp_path, capsys):
     out = tmp_path / "bench.json"
     assert main(["bench", "--backbone", "mnistmlp", "--batches", "2", "--seconds", "0.1", "--rounds", "1",
-                 "--train-seconds", "0", "--threads", "1", "--json", str(out), "--no-pte"]) == 0
+                 "--epochs", "0", "--threads", "1", "--json", str(out), "--no-pte"]) == 0
     report = json.loads(out.read_text())
-    assert {"aoti", "aoti-per-batch", "ort-fp32"} <= {r["runtime"] for r in report["results"]}
-    assert set(report["aoti_compile_seconds"]) == {"out.aoti.pt2", "out.aoti.b2.pt2"}
+    assert {"aoti", "aoti-per-batch", "aoti-frozen", "aoti-frozen-per-batch", "ort-fp32"} <= {
+        r["runtime"] for r in report["results"]}
+    assert set(report["aoti_compile_seconds"]) == {"out.aoti.pt2", "out.aoti.b2.pt2", "frozen out.aoti.pt2",
+                                                   "frozen out.aoti.b2.pt2"}
     assert "AOTInductor compile seconds" in capsys.readouterr().out
 
 

@@ -65,7 +65,7 @@ def test_every_engine_takes_a_new_vector(name, engine, export):
 @pytest.mark.parametrize("name", backbone_params("resnet18"))
 def test_load_refuses_bad_choices(name, export, tmp_path):
     _, result = export
-    with pytest.raises(ExportError, match="unknown engine 'tensorrt'; allowed: onnxruntime, openvino, torchscript"):
+    with pytest.raises(ExportError, match="unknown engine 'tensorrt'; allowed: auto, onnxruntime, openvino"):
         load(result.directory, engine="tensorrt")
     with pytest.raises(ExportError, match=re.escape("engine 'torchscript' has no precision 'int8'; it runs: fp32")):
         load(result.directory, engine="torchscript", precision="int8")

@@ -6,6 +6,7 @@ import statistics
 
 import numpy as np
 import pytest
+import torch
 
 from export.cli import main
 from export.runtime import OnnxBackbone
@@ -56,10 +57,16 @@ def test_calibration_at_another_image_size_is_refused(name, export, tmp_path, ca
     assert {p.name: p.read_bytes() for p in d.iterdir()} == before
 
 
+def acc_epochs(report) -> int:
+    acc = report["accuracy_digits"]
+    assert acc["seeded"] is True and acc["train_seconds"] > 0
+    return acc["epochs"]
+
+
 def test_bench_report_and_json(tmp_path, capsys):
     out, png = tmp_path / "bench.json", tmp_path / "bench.png"
     code = main(["bench", "--backbone", "mnistmlp", "--batches", "1,4", "--seconds", "0.2", "--rounds", "2",
-                 "--train-seconds", "1", "--threads", "1", "--json", str(out), "--plot", str(png), "--no-aoti"])
+                 "--epochs", "1", "--threads", "1", "--json", str(out), "--plot", str(png), "--no-aoti"])
     assert code == 0
     text = capsys.readouterr().out
     report = json.loads(out.read_text())
@@ -81,7 +88,20 @@ def test_bench_report_and_json(tmp_path, capsys):
     assert "continual deployment (torchscript, onnx, exported, every mode): full export" in text
     stamp = report["stamp"]
     assert stamp["cpu"]["model"] and set(stamp["cpu"]["flags"]) <= set(KERNEL_FLAGS) and stamp["commit"]
-    assert text.startswith(f"measured {stamp['date']} at commit {stamp['commit']} on {stamp['cpu']['model']}")
+    assert stamp["cores"] >= 1 and stamp["versions"]["torch"] == torch.__version__
+    assert set(stamp["versions"]) == {"torch", "onnxruntime", "openvino", "executorch"}
+    first = text.splitlines()[0]
+    assert first.startswith(f"measured on {stamp['cpu']['model']}") and f"{stamp['cores']} cores" in first
+    assert f"torch {torch.__version__}" in first and f"commit {stamp['commit']}" in first
+    # the targets of this CPU kind, each met, missed or not measured with the reason
+    targets = {t["what"].split(" (")[0].split(",")[0]: t for t in report["targets"]}
+    vnni = bool({"avx512_vnni", "avx_vnni", "amx_int8"} & set(stamp["cpu"]["flags"]))
+    assert targets["int8 speed"]["target"] == (">= 3.3x ORT fp32" if vnni else ">= 2.0x ORT fp32")
+    bf16 = bool({"avx512_bf16", "amx_bf16"} & set(stamp["cpu"]["flags"]))
+    if not bf16:
+        assert targets["bf16"]["met"] is None and "no bf16 support" in targets["bf16"]["measured"]
+    assert "targets on this CPU kind:" in text
+    assert acc_epochs(report) == 1
     acc = report["accuracy_digits"]
     by_pair = {(r["engine"], r["precision"]): r for r in acc["results"]}
     assert by_pair["onnxruntime", "fp32"]["top1"] > 0.5, "the digits model did not learn"

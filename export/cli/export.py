@@ -4,6 +4,7 @@ checked before any work; the backbone's own arguments come from the registry
 (`python -m export BACKBONE --help` lists them)."""
 
 import argparse
+import os
 import sys
 import time
 import warnings
@@ -34,6 +35,15 @@ from zoo.unit_scale import set_unit_scale
 from zoo.weights import load_state_dict_strict
 
 
+def _default_verify_in() -> str:
+    chosen = os.environ.get("RETURNT_ZOO_VERIFY_IN")
+    if chosen:
+        if chosen not in ("fresh", "process"):
+            raise CliError(f"RETURNT_ZOO_VERIFY_IN={chosen!r}: allowed: fresh, process")
+        return chosen
+    return "fresh" if (os.cpu_count() or 1) >= 2 else "process"
+
+
 def _base_parser(add_help: bool) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m export", add_help=add_help,
@@ -60,6 +70,17 @@ def _base_parser(add_help: bool) -> argparse.ArgumentParser:
                         help="AOTInductor packages per mode: 'dynamic' (<mode>.aoti.pt2, any batch) "
                              "and/or batch sizes (<mode>.aoti.b<N>.pt2, compiled for batch N only; "
                              "measured no faster on CIFAR ResNet-18), e.g. 1,64 or dynamic,1 (default: %(default)s)")
+    parser.add_argument("--aoti-weights", default="replaceable", choices=("replaceable", "frozen"),
+                        help="AOTInductor package kind: replaceable (set_params and published versions "
+                             "swap the weights in memory) or frozen (oneDNN convolutions with BatchNorm and "
+                             "residual adds fused, the weights folded in: fastest, ~2.5x at batch 1 with "
+                             "--aoti-batch 1 on CIFAR ResNet-18, but set_params is refused) (default: %(default)s)")
+    parser.add_argument("--verify-in", choices=("fresh", "process"), default=_default_verify_in(),
+                        help="where the TorchScript and torch.export files are loaded and checked: fresh "
+                             "(a new Python without the zoo, running on another core during the ONNX "
+                             "conversion) or process (this one: less CPU, for 1-core machines and test "
+                             "suites); default: fresh with 2+ cores, else process, or $RETURNT_ZOO_VERIFY_IN "
+                             "(now: %(default)s)")
     parser.add_argument("--pte-max-batch", type=int, default=64, metavar="N",
                         help="with --formats pte: the largest batch <mode>.pte takes (ExecuTorch plans "
                              "its memory for it; H and W are the export's), 1-4096 (default: %(default)s)")
@@ -251,7 +272,8 @@ def _export(net, out_dir: Path, opts, source, prep=None) -> ExportResult:
                            input_shape=_parse_shape(opts.input_shape), opset=opts.opset,
                            device=opts.device, source=source, preprocessing=prep,
                            onnx_weights=opts.onnx_weights, aoti_batches=parse_aoti_batches(opts.aoti_batch),
-                           pte_max_batch=opts.pte_max_batch, pte_params=opts.pte_params)
+                           pte_max_batch=opts.pte_max_batch, pte_params=opts.pte_params,
+                           aoti_weights=opts.aoti_weights, verify_in=opts.verify_in)
 
 
 def _print_result(result: ExportResult) -> None:

@@ -57,33 +57,109 @@ def used_parameters(program: torch.export.ExportedProgram) -> set:
     return {params[n.name] for n in seen if n.op == "placeholder" and n.name in params}
 
 
-def verify_in_fresh_process(script: str, request: list, jobs: List[tuple]) -> List[Dict[str, dict]]:
-    """Run `script` in a fresh Python (`-I`: no zoo, nothing of the process that wrote the files)
-    on `request` (saved with torch.save, its path argv[1]); the script saves, per job, the outputs
-    of each input to argv[2], which are compared with the jobs' (path, output names, inputs,
-    expected). A child that fails fails every job with its last line (runtime log lines, which
-    start with '[', skipped)."""
-    import subprocess
-    import sys
-    import tempfile
+class FreshProcess:
+    """A fresh Python (`-I`: no zoo, nothing of the process that wrote the files) that checks
+    exported files. It is started before its jobs exist, so its torch import (~4 s) overlaps the
+    caller's work, and it runs each job as soon as it is submitted.
 
-    from export.store.tolerance import compare, failed_stats
+    `script` runs after `import sys, torch` and defines `run(job, shared)`: a job's outputs, a
+    list per input of the output tensors (`shared`: what `share` handed over, else None). Each
+    job's outputs are compared with its (path, output names, inputs, expected). A child that
+    fails fails every job with its last line (runtime log lines, which start with '[', skipped).
+    """
 
-    with tempfile.TemporaryDirectory(prefix="fresh-verify-") as tmp:
-        request_path, reply = Path(tmp) / "jobs.pt", Path(tmp) / "outputs.pt"
-        torch.save(request, request_path)
-        proc = subprocess.run([sys.executable, "-I", "-c", script, str(request_path), str(reply)],
-                              capture_output=True, text=True)
-        if proc.returncode != 0:
-            lines = proc.stderr.strip().splitlines()
-            last = ([ln for ln in lines if not ln.startswith("[")] or lines or ["no output"])[-1]
-            return [failed_stats(names, f"fresh process failed: {last[:200]}") for _, names, _, _ in jobs]
-        outputs = torch.load(reply, weights_only=True)
-    results = []
-    for (_, names, inputs, expected), outs in zip(jobs, outputs):
-        replies = iter(outs)
-        results.append(compare(lambda x, r=replies: next(r), names, inputs, expected))
-    return results
+    _PREFIX = "import sys, torch\n"
+    _LOOP = """
+shared, results = None, []
+for line in sys.stdin:
+    kind, _, path = line.rstrip("\\n").partition(" ")
+    item = torch.load(path, weights_only=True)
+    if kind == "shared":
+        shared = item
+    else:
+        results.append(run(item, shared))
+torch.save(results, sys.argv[1])
+"""
+
+    def __init__(self, script: str) -> None:
+        import subprocess
+        import sys
+        import tempfile
+
+        self._tmp = tempfile.TemporaryDirectory(prefix="fresh-verify-")
+        self._dir = Path(self._tmp.name)
+        self._reply = self._dir / "outputs.pt"
+        self._stderr = open(self._dir / "stderr.txt", "w+")
+        self._proc = subprocess.Popen([sys.executable, "-I", "-c", self._PREFIX + script + self._LOOP,
+                                       str(self._reply)],
+                                      stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=self._stderr,
+                                      text=True)
+        self._jobs: List[tuple] = []
+
+    def _send(self, kind: str, item: Any) -> None:
+        path = self._dir / f"{kind}-{len(self._jobs)}.pt"
+        torch.save(item, path)
+        try:
+            self._proc.stdin.write(f"{kind} {path}\n")
+            self._proc.stdin.flush()
+        except BrokenPipeError:
+            pass  # the child failed already: results() reports its last line
+
+    def share(self, item: Any) -> None:
+        """What every later job's `run` receives as `shared` (sent once)."""
+        self._send("shared", item)
+
+    def submit(self, request: Any, job: tuple) -> None:
+        """One job: `request` for the child's `run`, `job` = (path, output names, inputs, expected)."""
+        self._send("job", request)
+        self._jobs.append(job)
+
+    def results(self) -> List[Dict[str, dict]]:
+        """Wait for the child; every submitted job's comparison with eager."""
+        from export.store.tolerance import compare, failed_stats
+
+        try:
+            self._end_input()
+            returncode = self._proc.wait()
+            if returncode != 0:
+                self._stderr.seek(0)
+                lines = self._stderr.read().strip().splitlines()
+                last = ([ln for ln in lines if not ln.startswith("[")] or lines or ["no output"])[-1]
+                return [failed_stats(names, f"fresh process failed: {last[:200]}") for _, names, _, _ in self._jobs]
+            outputs = torch.load(self._reply, weights_only=True)
+        finally:
+            self.close()
+        results = []
+        for (_, names, inputs, expected), outs in zip(self._jobs, outputs):
+            replies = iter(outs)
+            results.append(compare(lambda x, r=replies: next(r), names, inputs, expected))
+        return results
+
+    def _end_input(self) -> None:
+        if not self._proc.stdin.closed:
+            try:
+                self._proc.stdin.close()
+            except BrokenPipeError:
+                pass
+
+    def close(self) -> None:
+        """Stop the child if it still runs (the caller failed first) and remove its files."""
+        if self._proc.poll() is None:
+            self._proc.kill()
+            self._proc.wait()
+        self._end_input()
+        self._stderr.close()
+        self._tmp.cleanup()
+
+
+def verify_in_fresh_process(script: str, request: list, jobs: List[tuple], shared: Any = None) -> List[Dict[str, dict]]:
+    """`jobs` checked by `script` in a FreshProcess, waiting for it."""
+    fresh = FreshProcess(script)
+    if shared is not None:
+        fresh.share(shared)
+    for item, job in zip(request, jobs):
+        fresh.submit(item, job)
+    return fresh.results()
 
 
 @contextmanager

@@ -200,16 +200,15 @@ FORMAT = Format("pte", ARTIFACT_SUFFIX["pte"], _write, _load, _read_params, _wri
 
 
 _FRESH = """
-import sys, torch
 from executorch.runtime import Runtime
-jobs = torch.load(sys.argv[1], weights_only=True)
 runtime = Runtime.get()
-results = []
-for path, inputs in jobs:
+
+
+def run(job, shared):
+    path, inputs = job
     program = runtime.load_program(path)
     method = program.load_method("forward")
-    results.append([list(method.execute([x])) for x in inputs])
-torch.save(results, sys.argv[2])
+    return [list(method.execute([x])) for x in inputs]
 """
 
 

@@ -12,7 +12,7 @@ from export.errors import ExportError
 from export.formats import DEFAULT_FORMATS, FORMATS, get_format
 from export.pipeline.preprocessing import Normalize, Preprocessing
 from export.pipeline.trace import MAX_BATCH, derive_program, dynamic_dims, export_program
-from export.pipeline.verify import eager_outputs, verify_file
+from export.pipeline.verify import FRESH_FORMATS, FreshTorchCheck, eager_outputs, verify_file
 from export.store.atomic import atomic_path
 from export.store.manifest import (
     SHARED_WEIGHTS,
@@ -111,6 +111,15 @@ def default_preprocessing(net: MammothBackbone) -> Optional[Preprocessing]:
     return Preprocessing(tuple(cfg["mean"]), tuple(cfg["std"]), str(cfg.get("source", "the backbone")),
                          tuple(cfg["input_size"][1:]), interpolation=cfg.get("interpolation"),
                          crop_pct=cfg.get("crop_pct"), crop_mode=cfg.get("crop_mode"))
+
+
+VERIFY_IN = ("process", "fresh")
+
+
+def check_verify_in(verify_in: str) -> str:
+    if verify_in not in VERIFY_IN:
+        raise ExportError(f"verify_in {verify_in!r}: allowed: {', '.join(VERIFY_IN)}")
+    return verify_in
 
 
 def check_aoti_batches(batches: Sequence[Optional[int]]) -> List[Optional[int]]:
@@ -218,6 +227,8 @@ def export_backbone(
     aoti_batches: Sequence[Optional[int]] = (None,),
     pte_max_batch: int = 64,
     pte_params: bool = True,
+    aoti_weights: str = "replaceable",
+    verify_in: str = "process",
 ) -> ExportResult:
     """Export `net` into `out_dir`: one file per mode and format, plus `manifest.json`.
 
@@ -242,6 +253,14 @@ def export_backbone(
         aoti_batches: the AOTInductor packages per mode (with "aoti" in `formats`): None for
             `<mode>.aoti.pt2` (any batch size), N for `<mode>.aoti.b<N>.pt2` (batch N only;
             measured on CIFAR ResNet-18 no faster than the any-batch package, docs/benchmarks.md).
+        aoti_weights: "replaceable" (set_params and published versions replace the weights in
+            memory) or "frozen" (oneDNN convolutions with the weights folded in: a batch-1
+            package 2-3x faster on CPU; the weights cannot be replaced).
+        verify_in: where the TorchScript and torch.export files are loaded and checked: "process"
+            (this one) or "fresh" (a fresh Python started at once, no zoo: its torch import
+            and the programs' loading run on another core while this process converts to ONNX;
+            ~10 s less for CIFAR ResNet-18 on 2 cores, ~4 s more CPU for the child's import).
+            The CLI uses "fresh" on machines with 2 or more cores.
         pte_max_batch: the batch bound of ExecuTorch programs (with "pte" in `formats`):
             `<mode>.pte` takes batches 1..pte_max_batch at the export's H x W; its memory is
             planned for the bound.
@@ -250,6 +269,7 @@ def export_backbone(
     Returns:
         An ExportResult; `ok` is False (and nothing was replaced) if any artifact failed.
     """
+    check_verify_in(verify_in)
     modes = check_choices(list(modes), RETURNT_MODES, "mode")
     formats = formats_for(net, formats)
     if preprocessing is None:
@@ -265,8 +285,9 @@ def export_backbone(
 
         executorch_version()
     if "aoti" in formats:
-        from export.formats.aoti import check_compiler
+        from export.formats.aoti import check_aoti_weights, check_compiler
 
+        check_aoti_weights(aoti_weights)
         check_compiler()
     problem = nonfinite_problem(net.state_dict())
     if problem:
@@ -276,7 +297,8 @@ def export_backbone(
     _refuse_versioned(Path(out_dir))
     with DirectoryTransaction(Path(out_dir)) as tx:
         result = _write_verified_set(net, tx.staging, modes, formats, shape, opset, device, source,
-                                     preprocessing, onnx_weights, aoti_batches, pte_max_batch, pte_params)
+                                     preprocessing, onnx_weights, aoti_batches, pte_max_batch, pte_params,
+                                     aoti_weights, verify_in)
         if result.ok:
             tx.commit()
     result.directory = Path(out_dir)
@@ -304,7 +326,8 @@ def _write_verified_set(net: MammothBackbone, out_dir: Path, modes: Sequence[str
                         preprocessing: Optional[Preprocessing] = None,
                         onnx_weights: str = "embedded",
                         aoti_batches: Sequence[Optional[int]] = (None,), pte_max_batch: int = 64,
-                        pte_params: bool = True) -> ExportResult:
+                        pte_params: bool = True, aoti_weights: str = "replaceable",
+                        verify_in: str = "process") -> ExportResult:
     """Write and verify every artifact and the manifest into `out_dir` (a staging directory).
 
     One way through: trace the 'full' head once -> derive each mode's program -> hand each
@@ -320,53 +343,19 @@ def _write_verified_set(net: MammothBackbone, out_dir: Path, modes: Sequence[str
     def timed(key: str):
         return _Timer(seconds, key)
 
-    # 1. trace once; every mode's program is the same graph with fewer outputs
-    full_program = None
-    programs: Dict[str, Any] = {}
-    if {"exported", "aoti", "onnx"} & set(formats):
-        with timed("torch_export"):
-            full_program = export_program(net, "full", shape, device, preprocess)
-            if "exported" in formats:
-                programs = {m: derive_program(full_program, m, full_names) for m in modes}
-
-    # 2. what each format writes from, per mode
-    handed: Dict[str, Dict[str, Any]] = {}
-    onnx_names: Dict[str, str] = {}
-    opset_used, onnx_info = None, None
-    if "torchscript" in formats:
-        handed["torchscript"] = {m: make_head(net, m, preprocess) for m in modes}
     if "onnx" in formats:
-        from export.formats.onnx import ONNX_SINGLE_FILE_LIMIT, export_onnx, runtime_requirements, weights_bytes
+        from export.formats.onnx import ONNX_SINGLE_FILE_LIMIT, weights_bytes
 
         if onnx_weights == "embedded" and weights_bytes(net) >= ONNX_SINGLE_FILE_LIMIT:
             onnx_weights = "shared"  # a self-contained ONNX file cannot hold 2 GiB
-        with timed("onnx_export"):
-            converted = export_onnx(net, full_program, opset=opset,
-                                    weights_dir=out_dir if onnx_weights == "shared" else None)
-        if onnx_weights == "shared":
-            rec.files[SHARED_WEIGHTS] = file_entry(out_dir / SHARED_WEIGHTS)
-        onnx_names, opset_used = converted.param_names, converted.opset
-        onnx_info = runtime_requirements(converted.models["full"])
-        handed["onnx"] = {m: converted.models[m] for m in modes}
-    if "exported" in formats:
-        handed["exported"] = programs
-
-    # 3. write and verify each file against eager
-    with timed("eager"):
-        expected = {m: eager_outputs(net, m, inputs, device, preprocess) for m in modes}
-    for fmt in [f for f in formats if f not in ("aoti", "pte")]:
-        for mode in modes:
-            path = out_dir / artifact_name(mode, fmt)
-            with timed(f"{fmt}_write"), atomic_path(path) as tmp:
-                get_format(fmt).write(handed[fmt][mode], tmp)
-            if fmt == "exported":
-                rec.programs[path.name] = {"format": fmt, "mode": mode, "batch": None, "dynamic": dynamic_dims(net)}
-            with timed(f"{fmt}_verify"):
-                rec.add(fmt, mode, path, verify_file(fmt, path, outputs[mode], inputs, expected[mode], device))
-    if "pte" in formats:
-        _write_pte(net, out_dir, modes, pte_max_batch, shape, device, preprocess, rec, timed, pte_params)
-    if "aoti" in formats:
-        _write_aoti(net, out_dir, modes, aoti_batches, full_program, shape, device, preprocess, rec, timed)
+    # a fresh Python for the TorchScript and torch.export files, importing torch meanwhile
+    fresh = FreshTorchCheck(device) if verify_in == "fresh" and set(FRESH_FORMATS) & set(formats) else None
+    try:
+        _write_files(net, out_dir, modes, formats, shape, opset, device, preprocess, inputs, onnx_weights,
+                     aoti_batches, pte_max_batch, pte_params, aoti_weights, rec, timed, fresh)
+    finally:
+        if fresh is not None:
+            fresh.close()
 
     # 4. record
     entries = _output_entries(net, shape, device)
@@ -383,19 +372,89 @@ def _write_verified_set(net: MammothBackbone, out_dir: Path, modes: Sequence[str
         "formats": list(formats),
         "files": dict(sorted(rec.files.items())),
         "programs": dict(sorted(rec.programs.items())),
-        "opset": opset_used,
-        "onnx": onnx_info,
+        "opset": rec.opset,
+        "onnx": rec.onnx_info,
         "onnx_weights": onnx_weights if "onnx" in formats else None,
         "versions": versions(),
         "verification": rec.verification,
         "tolerance": tolerance_record([int(x.shape[0]) for x in inputs]),
         "flat_params": {"count": net.num_params(), "dtype": "float32",
-                        "layout": param_layout(net, onnx_names)},
+                        "layout": param_layout(net, rec.onnx_names)},
         "timing": {"created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                    "seconds": {k: round(v, 3) for k, v in seconds.items()}},
     }, "the manifest being written")
     write_manifest(out_dir, manifest)
     return ExportResult(out_dir, manifest, rec.failures)
+
+
+def _write_files(net: MammothBackbone, out_dir: Path, modes: Sequence[str], formats: Sequence[str],
+                 shape: Tuple[int, ...], opset: Optional[int], device: str, preprocess, inputs,
+                 onnx_weights: str, aoti_batches: Sequence[Optional[int]], pte_max_batch: int, pte_params: bool,
+                 aoti_weights: str, rec: "_Record", timed, fresh: Optional[FreshTorchCheck]) -> None:
+    """Every file of the set, written and verified against eager; with `fresh`, the TorchScript
+    and torch.export files are written first and checked by that fresh process while the ONNX
+    conversion runs here."""
+    full_names = net.output_names()
+    outputs = mode_outputs(full_names)
+    # 1. trace once; every mode's program is the same graph with fewer outputs
+    full_program = None
+    if {"exported", "aoti", "onnx"} & set(formats):
+        with timed("torch_export"):
+            full_program = export_program(net, "full", shape, device, preprocess)
+    with timed("eager"):
+        expected = {m: eager_outputs(net, m, inputs, device, preprocess) for m in modes}
+
+    # 2. what each format writes from, per mode (ONNX: converted when its turn comes)
+    def artifacts(fmt: str) -> Dict[str, Any]:
+        if fmt == "torchscript":
+            return {m: make_head(net, m, preprocess) for m in modes}
+        if fmt == "exported":
+            with timed("torch_export"):
+                return {m: derive_program(full_program, m, full_names) for m in modes}
+        return _onnx_models(net, out_dir, modes, full_program, opset, onnx_weights, rec, timed)
+
+    # 3. write each file and verify it against eager (the fresh process's formats first)
+    order = [f for f in formats if f not in ("aoti", "pte")]
+    if fresh is not None:
+        order.sort(key=lambda f: f not in FRESH_FORMATS)
+    for fmt in order:
+        handed = artifacts(fmt)
+        for mode in modes:
+            path = out_dir / artifact_name(mode, fmt)
+            with timed(f"{fmt}_write"), atomic_path(path) as tmp:
+                get_format(fmt).write(handed[mode], tmp)
+            if fmt == "exported":
+                rec.programs[path.name] = {"format": fmt, "mode": mode, "batch": None, "dynamic": dynamic_dims(net)}
+            if fresh is not None and fmt in FRESH_FORMATS:
+                fresh.add(fmt, mode, path, outputs[mode], inputs, expected[mode])
+                continue
+            with timed(f"{fmt}_verify"):
+                rec.add(fmt, mode, path, verify_file(fmt, path, outputs[mode], inputs, expected[mode], device))
+    if fresh is not None:
+        with timed("fresh_verify"):
+            for fmt, mode, path, result in fresh.results():
+                rec.add(fmt, mode, path, result)
+    if "pte" in formats:
+        _write_pte(net, out_dir, modes, pte_max_batch, shape, device, preprocess, rec, timed, pte_params)
+    if "aoti" in formats:
+        _write_aoti(net, out_dir, modes, aoti_batches, full_program, shape, device, preprocess, rec, timed,
+                    aoti_weights)
+
+
+def _onnx_models(net: MammothBackbone, out_dir: Path, modes: Sequence[str], full_program, opset: Optional[int],
+                 onnx_weights: str, rec: "_Record", timed) -> Dict[str, Any]:
+    """The 'full' program converted to ONNX once, and each mode's graph derived from it; the
+    parameter names and runtime requirements go to `rec`."""
+    from export.formats.onnx import export_onnx, runtime_requirements
+
+    with timed("onnx_export"):
+        converted = export_onnx(net, full_program, opset=opset,
+                                weights_dir=out_dir if onnx_weights == "shared" else None)
+    if onnx_weights == "shared":
+        rec.files[SHARED_WEIGHTS] = file_entry(out_dir / SHARED_WEIGHTS)
+    rec.onnx_names, rec.opset, rec.onnx_info = (converted.param_names, converted.opset,
+                                                runtime_requirements(converted.models["full"]))
+    return {m: converted.models[m] for m in modes}
 
 
 class _Record:
@@ -406,6 +465,10 @@ class _Record:
         self.programs: Dict[str, Dict[str, Any]] = {}  # file -> format, mode, batch, dynamic, ...
         self.verification: Dict[str, Dict[str, Any]] = {f: {} for f in formats}
         self.failures: List[str] = []
+        #: ONNX: the graphs' parameter names, the opset and the runtime requirements
+        self.onnx_names: Dict[str, str] = {}
+        self.opset: Optional[int] = None
+        self.onnx_info: Optional[Dict[str, Any]] = None
 
     def add(self, fmt: str, key: str, path: Path, result: Dict[str, Any]) -> None:
         self.verification[fmt][key] = result
@@ -431,7 +494,8 @@ class _Timer:
 
 
 def _write_aoti(net: MammothBackbone, out_dir: Path, modes: Sequence[str], batches: Sequence[Optional[int]],
-                full_program, shape: Tuple[int, ...], device: str, preprocess, rec: _Record, timed) -> None:
+                full_program, shape: Tuple[int, ...], device: str, preprocess, rec: _Record, timed,
+                weights: str = "replaceable") -> None:
     """Compile the AOTInductor packages of every mode (any batch, and/or per batch size: one
     trace per fixed batch, shared by the modes), then verify them all in one fresh process at
     batch sizes they were not traced with (a fixed-batch package: at its own batch)."""
@@ -450,7 +514,8 @@ def _write_aoti(net: MammothBackbone, out_dir: Path, modes: Sequence[str], batch
             path = out_dir / aoti_name(mode, batch)
             with timed("aoti_compile"), atomic_path(path) as tmp:
                 info = get_format("aoti").write(derive_program(traced, mode, full_names), tmp,
-                                                metadata={"returnt": mode, "batch": str(batch or "dynamic")})
+                                                metadata={"returnt": mode, "batch": str(batch or "dynamic")},
+                                                weights=weights)
             rec.programs[path.name] = {"format": "aoti", "mode": mode, "batch": batch,
                                        "dynamic": dynamic_dims(net, batch), **info}
             ins = sample_inputs(shape, images=baked, **({} if batch is None else {"batches": (batch,)}))

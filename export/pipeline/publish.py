@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from export.errors import ExportError, IntegrityError
-from export.formats.aoti import check_torch_version, package_state, verify_fresh
+from export.formats.aoti import check_torch_version, package_state, refuse_frozen, verify_fresh
 from export.formats.onnx import load_onnx, ort_session, set_model_params
 from export.formats.program import load_program, set_program_params
 from export.formats.torchscript import load_torchscript, set_module_state
@@ -183,6 +183,7 @@ def check_weights(directory: Path, manifest: Manifest, net: torch.nn.Module, vec
         names = manifest.output_names(mode)
         if fmt == "aoti":
             check_torch_version(name, manifest.programs[name])
+            refuse_frozen(name, manifest.programs[name])
             aoti_jobs.append((directory / name, names, inputs, expected[mode, batch], mode, name))
             continue
         fn = load_with_weights(fmt, directory / name, device, checked_layout(manifest, name, onnx=fmt == "onnx"),

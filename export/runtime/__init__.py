@@ -2,7 +2,8 @@
 called like the eager backbone, whatever runs underneath.
 
     from export.runtime import load
-    net = load("artifacts/resnet")                       # onnxruntime, fp32
+    net = load("artifacts/resnet")                       # auto: the fastest fp32 engine measured on
+                                                         # this CPU (bench DIR --save), else onnxruntime
     net = load("artifacts/resnet", engine="aoti")        # AOTInductor packages (--formats aoti)
     logits = net(x)                              # numpy in -> numpy out, torch in -> torch out
     logits, feats = net(x, returnt="both")
@@ -27,14 +28,17 @@ from export.store.manifest import Manifest, artifact_name
 __all__ = ["load", "available_pairs", "check_engine", "ENGINES", "OnnxBackbone", "RuntimeBackbone"]
 
 
-def load(directory: Union[str, Path], engine: str = "onnxruntime", precision: str = "fp32",
+def load(directory: Union[str, Path], engine: str = "auto", precision: str = "fp32",
          threads: Optional[int] = None, device: str = "cpu", verify_hashes: bool = True,
          spin_wait: bool = True, version: Union[int, str, None] = None) -> RuntimeBackbone:
     """An export directory as a backbone with the `returnt` API, run by `engine`.
 
     Args:
         directory: an export directory (manifest.json and the engine's files).
-        engine: onnxruntime (`<mode>.onnx`), openvino (the same files, compiled by OpenVINO
+        engine: auto (default: the engine `python -m export bench DIR --save` measured fastest
+            at `precision` on this CPU model, else onnxruntime (openvino for bf16); the choice
+            and why are in the returned object's repr and `auto_choice`), onnxruntime
+            (`<mode>.onnx`), openvino (the same files, compiled by OpenVINO
             for the CPU with an explicit precision hint), torchscript (`<mode>.pt`), exported
             (`<mode>.ep.pt2` through `torch.export.load(...).module()`) or aoti
             (`<mode>.aoti.pt2` / `<mode>.aoti.b<N>.pt2`, compiled C++) or executorch
@@ -53,6 +57,9 @@ def load(directory: Union[str, Path], engine: str = "onnxruntime", precision: st
             when loaded (from bytes checked against its record), in memory.
     """
     check_engine(engine, precision)
+    why = None
+    if engine == "auto":
+        engine, why = choose_engine(Path(directory), precision)
     if engine == "onnxruntime":
         net: RuntimeBackbone = OnnxBackbone(directory, threads=threads, device=device, verify_hashes=verify_hashes,
                                             precision=precision, spin_wait=spin_wait)
@@ -68,9 +75,30 @@ def load(directory: Union[str, Path], engine: str = "onnxruntime", precision: st
         from export.runtime.torch_engines import TORCH_ENGINES
 
         net = TORCH_ENGINES[engine](directory, threads=threads, device=device, verify_hashes=verify_hashes)
+    net.auto_choice = why
     if version is not None or net.manifest.weight_versions:
         net.use_version(version)
     return net
+
+
+def choose_engine(directory: Path, precision: str) -> Tuple[str, str]:
+    """(engine, why) for engine="auto": the fastest engine at `precision` that the bench recorded
+    in the manifest for this CPU model and flags, if it can run here; else the first engine
+    that runs `precision` (onnxruntime; openvino for bf16). Never another precision."""
+    from export.runtime.cpu import cpu_name
+    from export.store.manifest import read_manifest
+
+    fallback = next(e for e, precisions in ENGINES.items() if precision in precisions)
+    cpu = cpu_name()
+    record = read_manifest(directory).engine_choice.get(cpu, {}).get(precision)
+    if record is None:
+        return fallback, (f"no bench record for {precision} on {cpu} (python -m export bench DIR --save "
+                          f"records one); {fallback}")
+    engine = record["engine"]
+    if (engine, precision) not in available_pairs(read_manifest(directory), "out"):
+        return fallback, f"{engine} was measured fastest here ({record['date']}) but cannot run now; {fallback}"
+    return engine, (f"{engine}: the fastest {precision} engine measured on {cpu} ({record['date']}, "
+                    f"{record['speedup']:.2f}x {record['reference']})")
 
 
 def available_pairs(manifest: Manifest, mode: str = "out") -> List[Tuple[str, str]]:

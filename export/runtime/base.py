@@ -23,9 +23,15 @@ ENGINES: Dict[str, Tuple[str, ...]] = {
 
 
 def check_engine(engine: str, precision: str) -> None:
-    """One line for an engine that does not exist or a precision it does not run."""
+    """One line for an engine that does not exist or a precision it does not run ("auto": the
+    fastest measured engine, any precision some engine runs)."""
+    if engine == "auto":
+        every = sorted({p for precisions in ENGINES.values() for p in precisions})
+        if precision not in every:
+            raise ExportError(f"unknown precision {precision!r}; allowed: {', '.join(every)}")
+        return
     if engine not in ENGINES:
-        raise ExportError(f"unknown engine {engine!r}; allowed: {', '.join(ENGINES)}")
+        raise ExportError(f"unknown engine {engine!r}; allowed: auto, {', '.join(ENGINES)}")
     if precision not in ENGINES[engine]:
         raise ExportError(f"engine {engine!r} has no precision {precision!r}; it runs: "
                           f"{', '.join(ENGINES[engine])}")
@@ -46,6 +52,8 @@ class RuntimeBackbone:
         self.modes: List[str] = []
         #: the published weight version in use (None: the export's own weights)
         self.version: Optional[int] = None
+        #: load(engine="auto"): which engine it chose and why (None: the engine was named)
+        self.auto_choice: Optional[str] = None
 
     def _require(self, modes: Sequence[str], what: str, hint: str) -> None:
         """Set the modes this engine can run; refuse a directory without any of its files."""
@@ -64,8 +72,9 @@ class RuntimeBackbone:
 
     def __repr__(self) -> str:
         version = f", version={self.version}" if self.version is not None else ""
+        auto = f", auto={self.auto_choice!r}" if self.auto_choice else ""
         return (f"{type(self).__name__}({str(self.directory)!r}, "
-                f"backbone={self.manifest.backbone.name!r}, modes={self.modes}{version})")
+                f"backbone={self.manifest.backbone.name!r}, modes={self.modes}{version}{auto})")
 
     def use_version(self, version: Union[int, str, None]) -> None:
         """Run with the weights of a published version (None: the newest), read from bytes

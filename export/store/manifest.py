@@ -117,6 +117,8 @@ class ProgramInfo(_Entry):
     torch: Optional[str] = None
     #: AOTInductor: whether load_constants replaces every parameter it reads
     weights_replaceable: bool = True
+    #: AOTInductor: the package kind (--aoti-weights): replaceable, or frozen (oneDNN kernels, fixed weights)
+    aoti_weights: Optional[str] = None
     seconds: Optional[float] = None
     compiler: Optional[str] = None
     inductor_configs: Optional[Dict[str, Any]] = None
@@ -181,6 +183,9 @@ class Manifest(_Entry):
     quantized: Dict[str, Dict[str, Any]] = {}
     #: top-1 per engine x precision (python -m export accuracy)
     accuracy: Optional[Dict[str, Any]] = None
+    #: per CPU (model and kernel flags): the fastest engine per precision that
+    #: `python -m export bench DIR --save` measured here, for load(DIR, engine="auto")
+    engine_choice: Dict[str, Dict[str, Any]] = {}
     #: published weight versions by number (python -m export publish); files in versions/<n>/
     weight_versions: Dict[str, WeightVersion] = {}
     #: versions `versions --keep` never prunes (python -m export versions --pin)
