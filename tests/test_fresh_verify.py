@@ -9,11 +9,11 @@ from export.cli.options import CliError
 from export.formats.base import FreshProcess, verify_in_fresh_process
 from export.pipeline.build import export_backbone
 from export.store.tolerance import sample_inputs
-from tests.conftest import build_small
+from tests.conftest import backbone_params, build_small
 
 
-@pytest.mark.parametrize("name", ["resnet18"])
-def test_fresh_verification_checks_every_file(name, tmp_path):
+@pytest.mark.parametrize("name", backbone_params("resnet18"))
+def test_fresh_verification_checks_every_file(name, export, tmp_path):
     net, shape = build_small(name)
     result = export_backbone(net, tmp_path / name, input_shape=shape, verify_in="fresh")
     assert result.ok, result.failures
@@ -24,8 +24,8 @@ def test_fresh_verification_checks_every_file(name, tmp_path):
             assert list(outputs) == m.output_names(mode) and all(s["ok"] for s in outputs.values())
     seconds = m.timing["seconds"]
     assert "fresh_verify" in seconds and "exported_verify" not in seconds and "torchscript_verify" not in seconds
-    # the same numbers as verifying in this process
-    here = export_backbone(net, tmp_path / "here", input_shape=shape, verify_in="process").manifest
+    # the same numbers as the shared export of the same network, verified in this process
+    here = export[1].manifest
     for fmt in ("torchscript", "exported"):
         for mode in m.modes:
             for output, stats in m.verification[fmt][mode].items():

@@ -413,10 +413,11 @@ def _write_files(net: MammothBackbone, out_dir: Path, modes: Sequence[str], form
                 return {m: derive_program(full_program, m, full_names) for m in modes}
         return _onnx_models(net, out_dir, modes, full_program, opset, onnx_weights, rec, timed)
 
-    # 3. write each file and verify it against eager (the fresh process's formats first)
+    # 3. write each file and verify it against eager (the fresh process's formats first, the
+    #    programs, slowest to load, before all)
     order = [f for f in formats if f not in ("aoti", "pte")]
     if fresh is not None:
-        order.sort(key=lambda f: f not in FRESH_FORMATS)
+        order.sort(key=lambda f: (f not in FRESH_FORMATS, f != "exported"))
     for fmt in order:
         handed = artifacts(fmt)
         for mode in modes:
