@@ -59,7 +59,7 @@ def test_calibration_at_another_image_size_is_refused(name, export, tmp_path, ca
 
 def acc_epochs(report) -> int:
     acc = report["accuracy_digits"]
-    assert acc["seeded"] is True and acc["train_seconds"] > 0
+    assert acc["seeded"] is True and acc["train_seconds"] >= 0
     return acc["epochs"]
 
 
