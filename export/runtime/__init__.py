@@ -90,12 +90,13 @@ def choose_engine(directory: Path, precision: str) -> Tuple[str, str]:
 
     fallback = next(e for e, precisions in ENGINES.items() if precision in precisions)
     cpu = cpu_name()
-    record = read_manifest(directory).engine_choice.get(cpu, {}).get(precision)
+    manifest = read_manifest(directory)
+    record = manifest.engine_choice.get(cpu, {}).get(precision)
     if record is None:
         return fallback, (f"no bench record for {precision} on {cpu} (python -m export bench DIR --save "
                           f"records one); {fallback}")
     engine = record["engine"]
-    if (engine, precision) not in available_pairs(read_manifest(directory), "out"):
+    if (engine, precision) not in available_pairs(manifest, "out"):
         return fallback, f"{engine} was measured fastest here ({record['date']}) but cannot run now; {fallback}"
     return engine, (f"{engine}: the fastest {precision} engine measured on {cpu} ({record['date']}, "
                     f"{record['speedup']:.2f}x {record['reference']})")
