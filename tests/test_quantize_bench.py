@@ -10,7 +10,7 @@ import torch
 
 from export.cli import main
 from export.runtime import OnnxBackbone
-from export.tools.bench import KERNEL_FLAGS
+from export.runtime.cpu import KERNEL_FLAGS
 from tests.conftest import backbone_params
 
 

@@ -15,9 +15,11 @@ import torch
 
 from export.cli.options import CliError, check_dir_name, parse_aoti_batches, parse_list
 from export.formats import DEFAULT_FORMATS, FORMATS
+from export.formats.aoti import AOTI_WEIGHTS
 from export.pipeline import preprocessing
 from export.pipeline.build import (
     ONNX_WEIGHTS,
+    VERIFY_IN,
     ExportResult,
     check_device,
     check_opset,
@@ -38,8 +40,8 @@ from zoo.weights import load_state_dict_strict
 def _default_verify_in() -> str:
     chosen = os.environ.get("RETURNT_ZOO_VERIFY_IN")
     if chosen:
-        if chosen not in ("fresh", "process"):
-            raise CliError(f"RETURNT_ZOO_VERIFY_IN={chosen!r}: allowed: fresh, process")
+        if chosen not in VERIFY_IN:
+            raise CliError(f"RETURNT_ZOO_VERIFY_IN={chosen!r}: allowed: {', '.join(sorted(VERIFY_IN))}")
         return chosen
     return "fresh" if (os.cpu_count() or 1) >= 2 else "process"
 
@@ -70,12 +72,12 @@ def _base_parser(add_help: bool) -> argparse.ArgumentParser:
                         help="AOTInductor packages per mode: 'dynamic' (<mode>.aoti.pt2, any batch) "
                              "and/or batch sizes (<mode>.aoti.b<N>.pt2, compiled for batch N only; "
                              "measured no faster on CIFAR ResNet-18), e.g. 1,64 or dynamic,1 (default: %(default)s)")
-    parser.add_argument("--aoti-weights", default="replaceable", choices=("replaceable", "frozen"),
+    parser.add_argument("--aoti-weights", default="replaceable", choices=AOTI_WEIGHTS,
                         help="AOTInductor package kind: replaceable (set_params and published versions "
                              "swap the weights in memory) or frozen (oneDNN convolutions with BatchNorm and "
                              "residual adds fused, the weights folded in: fastest, ~2.5x at batch 1 with "
                              "--aoti-batch 1 on CIFAR ResNet-18, but set_params is refused) (default: %(default)s)")
-    parser.add_argument("--verify-in", choices=("fresh", "process"), default=_default_verify_in(),
+    parser.add_argument("--verify-in", choices=VERIFY_IN, default=_default_verify_in(),
                         help="where the TorchScript and torch.export files are loaded and checked: fresh "
                              "(a new Python without the zoo, running on another core during the ONNX "
                              "conversion) or process (this one: less CPU, for 1-core machines and test "

@@ -253,7 +253,7 @@ def run(job, constants):
     outs = []
     for x in inputs:
         out = model(x)
-        outs.append([out] if isinstance(out, torch.Tensor) else list(out))
+        outs.append(as_list(out))
     return outs
 """
 

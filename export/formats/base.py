@@ -62,13 +62,15 @@ class FreshProcess:
     exported files. It is started before its jobs exist, so its torch import (~4 s) overlaps the
     caller's work, and it runs each job as soon as it is submitted.
 
-    `script` runs after `import sys, torch` and defines `run(job, shared)`: a job's outputs, a
-    list per input of the output tensors (`shared`: what `share` handed over, else None). Each
-    job's outputs are compared with its (path, output names, inputs, expected). A child that
-    fails fails every job with its last line (runtime log lines, which start with '[', skipped).
+    `script` runs after `import sys, torch` (and `as_list(out)`: a model's output as a list of
+    tensors) and defines `run(job, shared)`: a job's outputs, a list per input of the output
+    tensors (`shared`: what `share` handed over, else None). Each job's outputs are compared with
+    its (path, output names, inputs, expected). A child that fails fails every job with its last
+    line (runtime log lines, which start with '[', skipped).
     """
 
-    _PREFIX = "import sys, torch\n"
+    _PREFIX = ("import sys, torch\n\n\ndef as_list(out):\n"
+               "    return [out] if isinstance(out, torch.Tensor) else list(out)\n")
     _LOOP = """
 shared, results = None, []
 for line in sys.stdin:

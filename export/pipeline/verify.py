@@ -61,7 +61,7 @@ def run(job, shared):
     with torch.no_grad():
         for x in inputs:
             out = model(x.to(device))
-            outs.append([out] if isinstance(out, torch.Tensor) else list(out))
+            outs.append(as_list(out))
     return outs
 """
 

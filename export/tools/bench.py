@@ -29,7 +29,7 @@ from export.formats.onnx import ort_session
 from export.formats.torchscript import jit_deprecations_silenced, load_torchscript
 from export.pipeline.build import export_backbone
 from export.runtime import available_pairs, load
-from export.runtime.cpu import KERNEL_FLAGS, cpu_info, cpu_name  # noqa: F401 (KERNEL_FLAGS: re-exported)
+from export.runtime.cpu import cpu_info, cpu_name
 from export.store.atomic import atomic_write_bytes
 from export.store.manifest import artifact_name, read_manifest
 from export.tools.accuracy import format_accuracy, measure_accuracy
