@@ -133,21 +133,6 @@ def export_dir_snapshot(directory: Path) -> Dict[str, bytes]:
     return {str(p.relative_to(directory)): p.read_bytes() for p in sorted(Path(directory).rglob("*")) if p.is_file()}
 
 
-_PROGRAMS: Dict[Path, Any] = {}
-
-
-def cached_program(path: Path):
-    """A private copy of the torch.export program at `path`: deserialising one costs ~0.5 s,
-    a copy ~0.01 s, and many tests read the same session export."""
-    import copy
-
-    from export.formats.program import load_program
-
-    if path not in _PROGRAMS:
-        _PROGRAMS[path] = load_program(path)
-    return copy.deepcopy(_PROGRAMS[path])
-
-
 _EXPORTS: Dict[str, Any] = {}
 
 

@@ -1,10 +1,11 @@
 """AOTInductor packages (`--formats aoti`): verified, loadable without the zoo and from C++,
 weights replaceable without recompiling, and clear refusals.
 
-Compiling costs ~5-15 s per package here, so these tests share one small export per backbone
-(mnistmlp with every mode, an 8-filter ResNet-18 with 'out' and 'full': the heads are the same
-code for every backbone, and 'full' holds every output the other modes return) and run on one
-xdist worker.
+Compiling costs ~8-15 s per package here (most of it g++ on the generated wrapper, whatever
+the model's size), so these tests share one small export per backbone, the four modes between
+them (mnistmlp 'features' and 'both', an 8-filter ResNet-18 'out' and 'full': the heads are the
+same code for every backbone, and 'full' holds every output the other modes return), and run on
+one xdist worker.
 """
 
 import json
@@ -26,7 +27,7 @@ from zoo import RETURNT_MODES
 
 pytestmark = pytest.mark.xdist_group("aoti")
 NAMES = ["mnistmlp", "resnet18"]
-MODES = {"mnistmlp": list(RETURNT_MODES), "resnet18": ["out", "full"]}
+MODES = {"mnistmlp": ["features", "both"], "resnet18": ["out", "full"]}
 
 
 @pytest.fixture(scope="module")
@@ -59,6 +60,7 @@ def aoti_export(name, aoti_root):
 def test_packages_are_verified_and_recorded(name, aoti_export):
     _, result = aoti_export
     assert result.ok, result.failures
+    assert sorted(sum(MODES.values(), [])) == sorted(RETURNT_MODES)  # every mode, between the two
     m = result.manifest
     assert sorted(m.modes) == sorted(MODES[name])
     for mode in MODES[name]:
@@ -75,7 +77,12 @@ def test_packages_are_verified_and_recorded(name, aoti_export):
 def test_aoti_engine_matches_eager_and_takes_new_weights(name, aoti_export):
     net, result = aoti_export
     runtime = load(result.directory, engine="aoti")
-    assert torch.equal(runtime.get_params(), net.get_params())
+    assert torch.equal(runtime.get_params(), net.get_params())  # from a package of a mode with logits
+    if "features" in MODES[name]:
+        from export.formats.aoti import package_params
+
+        with pytest.raises(ParamsError, match="holds 4 of the 6 parameters .* an 'out', 'both' or 'full' package"):
+            package_params(result.directory / "features.aoti.pt2", result.manifest.flat_params.layout)
     for batch in (1, 5, 40):  # 40: above the wrong bound torch 2.14's input check would apply
         x = torch.randn(batch, *runtime.input_shape, generator=torch.Generator().manual_seed(batch))
         assert_runtime_matches_eager(runtime, net, x, MODES[name])
@@ -86,7 +93,7 @@ def test_aoti_engine_matches_eager_and_takes_new_weights(name, aoti_export):
     eager = build_small(name)[0]
     eager.set_params(new)
     x = torch.randn(2, *runtime.input_shape, generator=torch.Generator().manual_seed(3))
-    for mode in ("out", "full"):
+    for mode in MODES[name]:
         with torch.no_grad():
             want = flat_outputs(eager(x, returnt=mode))
         for g, w in zip(flat_outputs(runtime(x, returnt=mode)), want):
@@ -175,9 +182,9 @@ def test_packages_load_without_the_zoo(name, aoti_export):
     _, result = aoti_export
     code = f"""
 import sys, torch
-m = torch._inductor.aoti_load_package({str(result.directory / "full.aoti.pt2")!r})
+m = torch._inductor.aoti_load_package({str(result.directory / "both.aoti.pt2")!r})
 outs = m(torch.randn(3, 1, 28, 28))
-assert len(outs) == 4 and outs[-1].shape == (3, 10)
+assert len(outs) == 2 and outs[0].shape == (3, 10)
 assert not any(k == "zoo" or k.startswith(("zoo.", "export")) for k in sys.modules), "zoo imported"
 print("ok")
 """
@@ -191,13 +198,13 @@ def test_tampered_or_foreign_packages_are_refused(name, aoti_export, tmp_path, c
     _, result = aoti_export
     d = tmp_path / "copy"
     shutil.copytree(result.directory, d)
-    target = d / "out.aoti.pt2"
+    target = d / "features.aoti.pt2"
     data = bytearray(target.read_bytes())
     data[len(data) // 3] ^= 0xFF
     target.write_bytes(bytes(data))
-    with pytest.raises(IntegrityError, match="out.aoti.pt2: sha256 does not match"):
+    with pytest.raises(IntegrityError, match="features.aoti.pt2: sha256 does not match"):
         load(d, engine="aoti")
-    shutil.copy(result.directory / "out.aoti.pt2", target)
+    shutil.copy(result.directory / "features.aoti.pt2", target)
     manifest = json.loads((d / "manifest.json").read_text())
     manifest["programs"]["both.aoti.pt2"]["torch"] = "2.13.0+cpu"
     (d / "manifest.json").write_text(json.dumps(manifest))
@@ -205,7 +212,7 @@ def test_tampered_or_foreign_packages_are_refused(name, aoti_export, tmp_path, c
         load(d, engine="aoti")
     # params write cannot rewrite compiled-in weights: one line saying what to do instead
     torch.save(torch.zeros(manifest["flat_params"]["count"]), tmp_path / "v.pt")
-    assert main(["params", "write", str(result.directory / "out.aoti.pt2"), str(tmp_path / "v.pt"),
+    assert main(["params", "write", str(result.directory / "features.aoti.pt2"), str(tmp_path / "v.pt"),
                  "--out", str(tmp_path / "x.aoti.pt2")]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "set_params" in err and "load_constants" in err
@@ -286,10 +293,10 @@ def test_aoti_params_are_not_a_silent_no_op(name, aoti_export, tmp_path):
     d = tmp_path / "copy"
     shutil.copytree(result.directory, d)
     manifest = json.loads((d / "manifest.json").read_text())
-    manifest["programs"]["out.aoti.pt2"]["weights_replaceable"] = False
+    manifest["programs"]["features.aoti.pt2"]["weights_replaceable"] = False
     (d / "manifest.json").write_text(json.dumps(manifest))
     runtime = load(d, engine="aoti")
-    with pytest.raises(ParamsError, match="out.aoti.pt2: inductor folded parameters .* cannot be replaced; re-export"):
+    with pytest.raises(ParamsError, match="features.aoti.pt2: inductor folded parameters .* cannot be replaced"):
         runtime.set_params(net.get_params() * 2)
     assert torch.equal(runtime.get_params(), net.get_params())
 

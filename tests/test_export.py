@@ -10,13 +10,13 @@ import torch
 
 from export.formats import DEFAULT_FORMATS
 from export.formats.onnx import ort_session
+from export.formats.program import load_program
 from export.formats.torchscript import load_torchscript
 from export.store.manifest import artifact_name
 from tests.conftest import (
     assert_within_bound,
     backbone_format_params,
     backbone_params,
-    cached_program,
     flat_outputs,
     has_format,
 )
@@ -90,7 +90,7 @@ def _raw_loader(fmt: str, path, names):
     if fmt == "onnx":
         session = ort_session(path)
         return lambda x: session.run(names, {"x": x.numpy()})
-    module = load_torchscript(path) if fmt == "torchscript" else cached_program(path).module()
+    module = load_torchscript(path) if fmt == "torchscript" else load_program(path).module()
     return lambda x: [t.numpy() for t in flat_outputs(module(x))]
 
 
@@ -160,7 +160,7 @@ def _tamper_program(source, manifest, tmp_path):
     from export.formats.base import used_parameters
     from export.formats.program import program_bytes
 
-    program = cached_program(source)
+    program = load_program(source)
     used = used_parameters(program)
     entry = next(e for e in manifest.flat_params.layout if set(e.program_names) & used)
     with torch.no_grad():

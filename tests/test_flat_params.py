@@ -9,10 +9,10 @@ import torch
 
 from export.errors import ParamsError
 from export.formats.onnx import ort_session, read_onnx_params, write_onnx_params
-from export.formats.program import program_params, set_program_params
+from export.formats.program import load_program, program_params, set_program_params
 from export.formats.torchscript import load_torchscript
 from export.store.manifest import read_manifest
-from tests.conftest import assert_within_bound, backbone_params, cached_program, flat_outputs, has_format
+from tests.conftest import assert_within_bound, backbone_params, flat_outputs, has_format
 from zoo import RETURNT_MODES
 
 BACKBONES = backbone_params()
@@ -37,7 +37,7 @@ def test_params_identical_across_formats(name, mode, export):
         assert torch.equal(load_torchscript(result.directory / f"{mode}.pt").get_params(), v)
     assert torch.equal(read_onnx_params(result.directory / f"{mode}.onnx"), v)
     layout = result.manifest.flat_params.layout
-    program = cached_program(result.directory / f"{mode}.ep.pt2")
+    program = load_program(result.directory / f"{mode}.ep.pt2")
     assert torch.equal(program_params(program, layout), v)
     # the program's parameters, in state_dict order, are parameters() in order (by any alias)
     names = [n for n in program.graph_signature.parameters]
@@ -70,7 +70,7 @@ def test_new_vector_gives_same_outputs_everywhere(name, mode, export, tmp_path):
         assert_within_bound(s, e)
         assert_within_bound(o, e)
     layout = result.manifest.flat_params.layout
-    program = cached_program(result.directory / f"{mode}.ep.pt2")
+    program = load_program(result.directory / f"{mode}.ep.pt2")
     set_program_params(program, new, layout)  # in memory; writing files is tested in test_engines
     assert torch.equal(program_params(program, layout), new)
     with torch.no_grad():

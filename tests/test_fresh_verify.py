@@ -12,7 +12,7 @@ from export.store.tolerance import sample_inputs
 from tests.conftest import backbone_params, build_small
 
 
-@pytest.mark.parametrize("name", backbone_params("resnet18"))
+@pytest.mark.parametrize("name", backbone_params("mnistmlp"))
 def test_fresh_verification_checks_every_file(name, export, tmp_path):
     net, shape = build_small(name)
     result = export_backbone(net, tmp_path / name, input_shape=shape, verify_in="fresh")

@@ -167,7 +167,7 @@ def package_params(source: Union[Path, bytes], layout, name: str = "package", de
     held = package_constants(source, layout, name, device)
     if len(held) != len(layout):
         raise ParamsError(f"{name}: holds {len(held)} of the {len(layout)} parameters (its mode does "
-                          "not read the others); read them from an 'out' or 'full' package")
+                          "not read the others); read them from an 'out', 'both' or 'full' package")
     return torch.cat([held[e.name] for e in layout])
 
 

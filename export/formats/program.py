@@ -4,10 +4,14 @@ traces them, `export.pipeline.trace`), saved byte-reproducibly; their flat param
 program's state.
 """
 
+import copy
+import hashlib
 import io
+import threading
 import warnings
+from collections import OrderedDict
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Union
+from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -31,18 +35,62 @@ def program_bytes(program: torch.export.ExportedProgram) -> bytes:
     return buffer.getvalue()
 
 
+#: the most file bytes of programs kept deserialised for `load_program` (least recently used
+#: dropped first); a larger program is never kept
+PROGRAM_CACHE_BYTES = 256 << 20
+
+
+class _ProgramCache:
+    """Programs this process has deserialised, by the sha256 of their bytes. torch.export.load
+    parses every symbolic size with sympy: 1-4 s per program of a CNN whose height and width are
+    dynamic, where a deep copy takes ~0.02 s and saves to the same bytes. The same bytes come back
+    often: a program verified after writing and then loaded, every version published into one
+    directory (the graph stays, the weights change), each engine's load of a mode."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._held: "OrderedDict[str, Tuple[int, torch.export.ExportedProgram]]" = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, data: bytes, load: Callable[[bytes], torch.export.ExportedProgram]) -> torch.export.ExportedProgram:
+        """A private copy of the program `data` holds (`load(data)` the first time)."""
+        if len(data) > self.limit:
+            return load(data)
+        key = hashlib.sha256(data).hexdigest()
+        with self._lock:
+            held = self._held.get(key)
+            if held is not None:
+                self._held.move_to_end(key)
+        if held is None:
+            program = load(data)
+            with self._lock:
+                self._held[key] = (len(data), program)
+                while sum(size for size, _ in self._held.values()) > self.limit:
+                    self._held.popitem(last=False)
+            held = (len(data), program)
+        return copy.deepcopy(held[1])
+
+
+_CACHE = _ProgramCache(PROGRAM_CACHE_BYTES)
+
+
 def load_program(source: Union[Path, bytes]) -> torch.export.ExportedProgram:
-    """`torch.export.load` of a path or of bytes already checked against the manifest, with a
-    one-line error for a file that is not a saved program."""
+    """`torch.export.load` of a path or of bytes already checked against the manifest (a private
+    copy: bytes this process deserialised before are not parsed again), with a one-line error
+    for a file that is not a saved program."""
     data = source if isinstance(source, bytes) else Path(source).read_bytes()
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            return torch.export.load(io.BytesIO(data))
-    except Exception as exc:  # zipfile, pickle and schema errors alike
-        where = "the given bytes" if isinstance(source, bytes) else str(source)
-        raise ParamsError(f"{where}: not a torch.export program ({type(exc).__name__}: "
-                                 f"{str(exc).splitlines()[0][:100] if str(exc) else ''})") from None
+
+    def deserialise(data: bytes) -> torch.export.ExportedProgram:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                return torch.export.load(io.BytesIO(data))
+        except Exception as exc:  # zipfile, pickle and schema errors alike
+            where = "the given bytes" if isinstance(source, bytes) else str(source)
+            raise ParamsError(f"{where}: not a torch.export program ({type(exc).__name__}: "
+                              f"{str(exc).splitlines()[0][:100] if str(exc) else ''})") from None
+
+    return _CACHE.get(data, deserialise)
 
 
 def _state(program: torch.export.ExportedProgram, layout, path) -> Dict[str, List[Tensor]]:

@@ -207,7 +207,8 @@ class AotiBackbone(TorchBackbone):
         """The flat vector (read back from a package whose mode reads every parameter)."""
         if self._params is not None:
             return self._params.clone()
-        mode = "full" if "full" in self.packages else "out" if "out" in self.packages else self.modes[0]
+        # every mode that returns logits reads every parameter; 'features' skips the classifier
+        mode = next((m for m in ("full", "out", "both") if m in self.packages), self.modes[0])
         name = next(iter(self.packages[mode].values()))
         return package_params(self._verified_bytes(name), self._layout(), name, str(self.device))
 
