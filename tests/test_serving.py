@@ -463,15 +463,15 @@ def test_bad_serve_options_are_one_line(models, args, fragment, capsys):
     assert code == 2 and err.count("\n") == 1 and fragment in err, err
 
 
-def test_print_config_is_a_serve_deploy_config(models):
+def test_print_config_is_a_serve_deploy_config(models, capsys):
     import yaml
     from ray.serve.schema import ServeDeploySchema
 
+    from export.cli import main
+
     dirs = [str(d) for _, d in models.values()]
-    proc = subprocess.run([sys.executable, "-m", "export", "serve", *dirs, "--replicas", "3", "--print-config"],
-                          cwd=REPO, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr
-    config = ServeDeploySchema.model_validate(yaml.safe_load(proc.stdout))
+    assert main(["serve", *dirs, "--replicas", "3", "--print-config"]) == 0
+    config = ServeDeploySchema.model_validate(yaml.safe_load(capsys.readouterr().out))
     apps = {a.name: a for a in config.applications}
     assert set(apps) == {"mnistmlp", "resnet18", "oip"}
     assert apps["oip"].route_prefix == "/" and apps["mnistmlp"].route_prefix is None
@@ -479,27 +479,26 @@ def test_print_config_is_a_serve_deploy_config(models):
     # the default limit takes batch 64 at 3x224x224 in binary
     assert apps["oip"].args["max_request_bytes"] > 64 * 3 * 224 * 224 * 4 + 1000
     assert config.grpc_options is None or not config.grpc_options.grpc_servicer_functions
-    proc = subprocess.run([sys.executable, "-m", "export", "serve", *dirs, "--grpc-port", "9001", "--print-config"],
-                          cwd=REPO, capture_output=True, text=True, timeout=120)
-    config = ServeDeploySchema.model_validate(yaml.safe_load(proc.stdout))
+    assert main(["serve", *dirs, "--grpc-port", "9001", "--print-config"]) == 0
+    config = ServeDeploySchema.model_validate(yaml.safe_load(capsys.readouterr().out))
     assert config.grpc_options.port == 9001
     assert config.grpc_options.grpc_servicer_functions == ["export.serving.grpc_oip.add_inference_service"]
 
 
-def test_triton_repository_of_several_directories(models, tmp_path):
+def test_triton_repository_of_several_directories(models, tmp_path, capsys):
     """One `triton` call over two export directories writes both models' repositories; the same
     backbone twice is refused in one line (its model directories would replace each other)."""
+    from export.cli import main
+
     dirs = [str(d) for _, d in models.values()]
-    proc = subprocess.run([sys.executable, "-m", "export", "triton", *dirs, "--repo", str(tmp_path / "r"),
-                           "--backends", "onnxruntime"], cwd=REPO, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr
+    assert main(["triton", *dirs, "--repo", str(tmp_path / "r"), "--backends", "onnxruntime"]) == 0
     assert sorted(p.name for p in (tmp_path / "r").iterdir() if p.is_dir()) == sorted(
         f"{name}_{mode}" for name in models for mode in RETURNT_MODES)
-    proc = subprocess.run([sys.executable, "-m", "export", "triton", dirs[0], dirs[0], "--repo", str(tmp_path / "s"),
-                           "--backends", "onnxruntime"],
-                          cwd=REPO, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
-    assert "both hold backbone 'mnistmlp'" in proc.stderr and not (tmp_path / "s").exists()
+    capsys.readouterr()
+    assert main(["triton", dirs[0], dirs[0], "--repo", str(tmp_path / "s"), "--backends", "onnxruntime"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1, err
+    assert "both hold backbone 'mnistmlp'" in err and not (tmp_path / "s").exists()
 
 
 def test_the_batch_function_splits_mixed_requests_back(models):
