@@ -16,6 +16,16 @@ from zoo.base import RETURNT_MODES
 pytestmark = pytest.mark.xdist_group("backbone-mnistmlp")
 
 
+def cli_code(argv) -> int:
+    """`python -m export ARGV`'s exit code, run in this process (stderr to capsys)."""
+    from export.cli import main
+
+    try:
+        return main(argv)
+    except SystemExit as exc:  # argparse's own exits
+        return exc.code
+
+
 def parse_config(path):
     from google.protobuf import text_format
     from tritonclient.grpc import model_config_pb2
@@ -93,14 +103,14 @@ def test_rewrite_replaces_models_and_refuses_foreign_directories(repo, tmp_path)
     (["--backends", "tensorrt"], "unknown --backends value 'tensorrt'; allowed: onnxruntime, pytorch"),
     (["--max-batch-size", "0"], "--max-batch-size 0 is not allowed"),
 ])
-def test_bad_triton_options_are_one_line(repo, tmp_path, args, fragment):
+def test_bad_triton_options_are_one_line(repo, tmp_path, args, fragment, capsys):
     _, directory = repo
-    proc = subprocess.run([sys.executable, "-m", "export", "triton", str(directory), "--repo", str(tmp_path / "r"),
-                           *args], cwd=REPO, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and fragment in proc.stderr, proc.stderr
+    code = cli_code(["triton", str(directory), "--repo", str(tmp_path / "r"), *args])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and fragment in err, err
 
 
-def test_a_repository_that_is_a_file_or_inside_an_export_is_refused(repo, tmp_path):
+def test_a_repository_that_is_a_file_or_inside_an_export_is_refused(repo, tmp_path, capsys):
     """--repo naming an existing file, the export directory itself, or a folder inside it: one
     line, exit 2, and nothing written (model directories there would become stray files)."""
     from tests.conftest import export_dir_snapshot
@@ -111,9 +121,9 @@ def test_a_repository_that_is_a_file_or_inside_an_export_is_refused(repo, tmp_pa
     for target, fragment in ((tmp_path / "file", "is a file; expected a directory"),
                              (directory, f"is inside the export directory {directory.resolve()}"),
                              (directory / "triton", f"is inside the export directory {directory.resolve()}")):
-        proc = subprocess.run([sys.executable, "-m", "export", "triton", str(directory), "--repo", str(target)],
-                              cwd=REPO, capture_output=True, text=True, timeout=120)
-        assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and fragment in proc.stderr, proc.stderr
-        assert "Traceback" not in proc.stderr
+        code = cli_code(["triton", str(directory), "--repo", str(target)])
+        err = capsys.readouterr().err
+        assert code == 2 and err.count("\n") == 1 and fragment in err, err
+        assert "Traceback" not in err
     assert export_dir_snapshot(directory) == before
     assert (tmp_path / "file").read_text() == "not a directory"
