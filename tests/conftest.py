@@ -26,13 +26,17 @@ LARGE_VECTORS = ("efficientnet-b0.pt", "reduced-resnet18.pt")
 
 def pytest_configure(config) -> None:
     """Two xdist workers share two cores: one thread each for torch and (through
-    export.formats.onnx.ort_session, which follows torch) onnxruntime, instead of four competing.
+    export.formats.onnx.ort_session, which follows torch) onnxruntime, instead of four competing;
+    the processes they start too.
     The CLI's exports verify in this process (--verify-in process): a fresh verifying Python
     per export costs ~5 s of CPU for its imports, which the other worker's core cannot absorb
     here; tests of --verify-in fresh ask for it."""
     os.environ.setdefault("RETURNT_ZOO_VERIFY_IN", "process")
     if os.environ.get("PYTEST_XDIST_WORKER"):
         torch.set_num_threads(1)
+        # the processes the tests start (CLI exports, fresh verifiers, the README example) share
+        # the same two cores: one OpenMP thread each, not two waiting on a busy core
+        os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 def build_small(name: str) -> Tuple[Any, Tuple[int, ...]]:
