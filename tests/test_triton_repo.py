@@ -11,19 +11,10 @@ import torch
 from export.formats.torchscript import jit_deprecations_silenced
 from export.runtime import load
 from tests.conftest import REPO, assert_within_bound, exported, flat_outputs
+from tests.test_export_cli import run
 from zoo.base import RETURNT_MODES
 
 pytestmark = pytest.mark.xdist_group("backbone-mnistmlp")
-
-
-def cli_code(argv) -> int:
-    """`python -m export ARGV`'s exit code, run in this process (stderr to capsys)."""
-    from export.cli import main
-
-    try:
-        return main(argv)
-    except SystemExit as exc:  # argparse's own exits
-        return exc.code
 
 
 def parse_config(path):
@@ -105,8 +96,7 @@ def test_rewrite_replaces_models_and_refuses_foreign_directories(repo, tmp_path)
 ])
 def test_bad_triton_options_are_one_line(repo, tmp_path, args, fragment, capsys):
     _, directory = repo
-    code = cli_code(["triton", str(directory), "--repo", str(tmp_path / "r"), *args])
-    err = capsys.readouterr().err
+    code, _, err = run(capsys, "triton", directory, "--repo", tmp_path / "r", *args)
     assert code == 2 and err.count("\n") == 1 and fragment in err, err
 
 
@@ -121,8 +111,7 @@ def test_a_repository_that_is_a_file_or_inside_an_export_is_refused(repo, tmp_pa
     for target, fragment in ((tmp_path / "file", "is a file; expected a directory"),
                              (directory, f"is inside the export directory {directory.resolve()}"),
                              (directory / "triton", f"is inside the export directory {directory.resolve()}")):
-        code = cli_code(["triton", str(directory), "--repo", str(target)])
-        err = capsys.readouterr().err
+        code, _, err = run(capsys, "triton", directory, "--repo", target)
         assert code == 2 and err.count("\n") == 1 and fragment in err, err
         assert "Traceback" not in err
     assert export_dir_snapshot(directory) == before
