@@ -110,3 +110,16 @@ def test_bench_report_and_json(tmp_path, capsys):
     assert {("torchscript", "fp32"), ("openvino", "int8")} <= set(by_pair)
     assert "ort-int8" in text and "vs ort-fp32" in text and "accuracy on a trained model" in text
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_bench_times_only_verified_exports():
+    """An export that failed verification stops the bench with its failures, in one line."""
+    from pathlib import Path
+
+    from export.errors import ExportError
+    from export.pipeline.build import ExportResult
+    from export.tools.bench import _check_export
+
+    _check_export(ExportResult(Path("bench"), None))
+    with pytest.raises(ExportError, match=r"^the bench's export failed verification: onnx out logits \(max"):
+        _check_export(ExportResult(Path("bench"), None, ["onnx out logits (max |diff| 0.3)"]))

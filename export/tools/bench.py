@@ -25,6 +25,7 @@ from typing import Any, Callable, Dict, List, Sequence
 import numpy as np
 import torch
 
+from export.errors import ExportError
 from export.formats.onnx import ort_session
 from export.formats.torchscript import jit_deprecations_silenced, load_torchscript
 from export.pipeline.build import export_backbone
@@ -342,6 +343,12 @@ def stamp_line(st: Dict[str, Any]) -> str:
             f"threads; {versions}; {st['date']}, commit {st['commit']}")
 
 
+def _check_export(result) -> None:
+    """Only verified files are timed: an export that failed verification stops the bench."""
+    if not result.ok:
+        raise ExportError(f"the bench's export failed verification: {'; '.join(result.failures)}")
+
+
 def run_benchmark(backbone: str, kwargs: Dict[str, Any], batches: Sequence[int], threads: int, seconds: float,
                   rounds: int, epochs: int, aoti: bool, log: Callable[[str], None],
                   pte: bool = True) -> Dict[str, Any]:
@@ -361,6 +368,7 @@ def run_benchmark(backbone: str, kwargs: Dict[str, Any], batches: Sequence[int],
             log(f"compiling AOTInductor packages (any batch, and batch {', '.join(map(str, batches))}) ...")
         result = export_backbone(net, tmp / "bench", modes=["out"], formats=formats,
                                  aoti_batches=[None, *batches], pte_max_batch=max(batches))
+        _check_export(result)
         compile_seconds = {name: info.seconds for name, info in result.manifest.programs.items()
                            if info.format == "aoti"}
         if aoti:
@@ -369,6 +377,7 @@ def run_benchmark(backbone: str, kwargs: Dict[str, Any], batches: Sequence[int],
             log("compiling frozen AOTInductor packages (--aoti-weights frozen, one per batch size) ...")
             frozen = export_backbone(net, tmp / FROZEN_DIR, modes=["out"], formats=["aoti"],
                                      aoti_batches=list(batches), aoti_weights="frozen")
+            _check_export(frozen)
             compile_seconds.update({f"frozen {name}": info.seconds for name, info in frozen.manifest.programs.items()})
         runtimes = build_runtimes(net, result.directory, shape, threads, log)
         log("measuring the fp32 matmul peak ...")
@@ -396,8 +405,6 @@ def bench_directory(directory: Path, batches: Sequence[int], threads: int, secon
     shape = tuple(manifest.input.shape[1:])
     pairs = available_pairs(manifest, "out")
     if not pairs:
-        from export.errors import ExportError
-
         raise ExportError(f"{directory}: no engine can run its 'out' mode here (export it with --modes out)")
     runtimes: Dict[str, Callable[[np.ndarray, torch.Tensor], Any]] = {}
     for engine, precision in pairs:
@@ -514,8 +521,6 @@ def has_bf16(flags: Sequence[str]) -> bool:
 
 def bf16_refusal(directory: Path) -> str:
     """Why bf16 is not measured here: the engine's own refusal line ('' where it runs)."""
-    from export.errors import ExportError
-
     try:
         load(directory, engine="openvino", precision="bf16")
     except ExportError as exc:
