@@ -78,7 +78,7 @@ def test_help_lists_backbone_arguments(capsys):
                                          ("mammoth_oldpickle_resnet18.pt", ["--allow-unsafe-pickle"])])
 def test_mammoth_run_checkpoint_exports_what_was_trained(capsys, tmp_path, ckpt, extra):
     code, out, err = run(capsys, "--checkpoint", CKPTS / ckpt, *extra, "--out", tmp_path,
-                         "--modes", "out", "--name", "run")
+                         "--modes", "out", "--formats", "torchscript,onnx", "--name", "run")
     assert code == 0, err
     manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
     assert manifest["backbone"] == {"name": "resnet18", "args": {"num_classes": 10, "num_filters": 8},
@@ -143,7 +143,7 @@ def test_all_continues_past_a_failure(capsys, tmp_path, monkeypatch):
 
 
 def test_example_args_fill_required_ones(capsys, tmp_path):
-    code, _, err = run(capsys, "resnet", "--example-args", "--formats", "onnx", "--modes", "out",
+    code, _, err = run(capsys, "resnet", "--example-args", "--formats", "torchscript", "--modes", "out",
                        "--out", tmp_path)
     assert code == 0, err
     assert "note: --depth not given, using the example value 18" in err
@@ -184,7 +184,7 @@ def test_opset_option(capsys, tmp_path):
 
 def test_abbreviated_backbone_arguments(capsys, tmp_path):
     """argparse abbreviations (--dep for --depth) count as given, like the full flag."""
-    code, _, err = run(capsys, "resnet", "--dep", "18", "--num_c", "3", "--formats", "onnx",
+    code, _, err = run(capsys, "resnet", "--dep", "18", "--num_c", "3", "--formats", "torchscript",
                        "--modes", "out", "--out", tmp_path, "--name", "r")
     assert code == 0, err
     assert json.loads((tmp_path / "r" / "manifest.json").read_text())["backbone"]["args"] == {

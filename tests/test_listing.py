@@ -9,6 +9,7 @@ import sys
 
 from tests.conftest import REPO
 from zoo import listing
+from zoo.__main__ import main as zoo_main
 from zoo.listing import CACHE_ENV, table_key
 
 #: the list command run in this process, then whether it imported torch
@@ -37,20 +38,26 @@ def test_second_run_answers_from_the_cache_without_torch(tmp_path):
     assert "no torch" in missing.stderr
 
 
-def test_a_cache_of_other_sources_or_versions_is_not_used(tmp_path):
+def test_a_cache_of_other_sources_or_versions_is_not_used(tmp_path, monkeypatch, capsys):
     data = {"key": "0" * 64, "names": ["resnet18"], "blocks": {"resnet18": "resnet18  (stale)"}}
     (tmp_path / "list.json").write_text(json.dumps(data))
     proc = _list(tmp_path, "resnet18")
     assert proc.returncode == 0 and "stale" not in proc.stdout and "params: 11,173,962" in proc.stdout
     assert json.loads((tmp_path / "list.json").read_text())["key"] != "0" * 64
+    # the command in this process (torch is loaded here already: a new interpreter adds only its start)
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path))
     for bad in ("{not json", "[1, 2]", '{"key": null}', ""):
         (tmp_path / "list.json").write_text(bad)
-        proc = _list(tmp_path, "resnet18")
-        assert proc.returncode == 0 and "params: 11,173,962" in proc.stdout, (bad, proc.stderr)
+        assert zoo_main(["list", "resnet18"]) == 0, bad
+        captured = capsys.readouterr()
+        assert "params: 11,173,962" in captured.out and captured.err == "", (bad, captured.err)
+        assert json.loads((tmp_path / "list.json").read_text())["key"] == table_key()  # rewritten
     blocked = tmp_path / "a-file"
     blocked.write_text("")  # the cache directory cannot be made: the table is still printed
-    proc = _list(blocked, "resnet18")
-    assert proc.returncode == 0 and "params: 11,173,962" in proc.stdout and proc.stderr.strip() == "torch imported"
+    monkeypatch.setenv(CACHE_ENV, str(blocked))
+    assert zoo_main(["list", "resnet18"]) == 0
+    captured = capsys.readouterr()
+    assert "params: 11,173,962" in captured.out and captured.err == ""
 
 
 def test_the_key_follows_every_source_byte_and_the_versions(tmp_path, monkeypatch):
