@@ -61,7 +61,7 @@ def export_program(net: MammothBackbone, mode: str, input_shape: Tuple[int, ...]
 #: activations that networks apply in place (`nn.Hardswish(inplace=True)`) and torch.export keeps
 #: so; their functional twins map to one ONNX operator each, while ONNX's exporter decomposes the
 #: in-place form (aten.hardswish_ through clamp/where over symbolic sizes: MobileNetV3-Small's
-#: conversion took 15.4 s with it, 8.9 s without, to the same ONNX graph)
+#: conversion took 15.4 s with it, 7.9-8.9 s without, to the same ONNX graph)
 IN_PLACE_ACTIVATIONS = ("relu_", "hardswish_", "hardsigmoid_", "hardtanh_", "silu_", "gelu_", "sigmoid_",
                         "tanh_", "leaky_relu_", "elu_", "mish_")
 
