@@ -44,7 +44,8 @@ def export_program(net: MammothBackbone, mode: str, input_shape: Tuple[int, ...]
                    fixed_hw: bool = False) -> torch.export.ExportedProgram:
     """`torch.export.export` of `mode`'s head (eval). With `batch`, that batch size is fixed
     (what AOTInductor compiles fastest code for); otherwise it is dynamic, 1..`max_batch`.
-    `fixed_hw`: H and W stay those of `input_shape` (ExecuTorch plans memory for bounded sizes)."""
+    `fixed_hw`: H and W stay those of `input_shape` (ExecuTorch plans memory for bounded sizes).
+    In-place activations become functional where nothing can observe it (`functional_activations`)."""
     if batch is None and max_batch == 1:
         batch = 1  # a dynamic dimension needs a range of at least two sizes
     head = make_head(net, mode, preprocess)
@@ -59,8 +60,8 @@ def export_program(net: MammothBackbone, mode: str, input_shape: Tuple[int, ...]
 
 
 #: activations that networks apply in place (`nn.Hardswish(inplace=True)`) and torch.export keeps
-#: so; their functional twins map to one ONNX operator each, while ONNX's exporter decomposes the
-#: in-place form (aten.hardswish_ through clamp/where over symbolic sizes: MobileNetV3-Small's
+#: so; ONNX's exporter translates their functional twins directly (torchlib), while it decomposes
+#: the in-place form (aten.hardswish_ through clamp/where over symbolic sizes: MobileNetV3-Small's
 #: conversion took 15.4 s with it, 7.9-8.9 s without, to the same ONNX graph)
 IN_PLACE_ACTIVATIONS = ("relu_", "hardswish_", "hardsigmoid_", "hardtanh_", "silu_", "gelu_", "sigmoid_",
                         "tanh_", "leaky_relu_", "elu_", "mish_")
