@@ -97,9 +97,10 @@ def test_plain_state_dict_checkpoint(capsys, tmp_path):
 
     ref = torch.load(VECTORS / "resnet18.pt", weights_only=True)
     save_file({k: v.contiguous() for k, v in ref["state_dict"].items()}, str(tmp_path / "w.safetensors"))
-    code, _, err = run(capsys, "resnet18", "--num_filters", "8", "--checkpoint", tmp_path / "w.safetensors",
-                       "--out", tmp_path, "--formats", "torchscript", "--modes", "features")
+    code, out, err = run(capsys, "resnet18", "--num_filters", "8", "--checkpoint", tmp_path / "w.safetensors",
+                         "--out", tmp_path, "--formats", "torchscript", "--modes", "features")
     assert code == 0, err
+    assert "1 file, max |exported-eager|" in out and "onnx export" not in out, out  # no ONNX, no ONNX time
     got = load_torchscript(tmp_path / "resnet18-num_filters8" / "features.pt")(ref["x"])
     torch.testing.assert_close(got, ref["features"], rtol=1e-5, atol=1e-5)
 

@@ -282,9 +282,10 @@ def _print_result(result: ExportResult) -> None:
     m = result.manifest
     secs = m.timing["seconds"]
     if result.ok:
-        print(f"{result.directory}: {len(m.files)} files, max |exported-eager| "
-              f"{result.max_error():.2g}, {sum(secs.values()):.1f}s "
-              f"(onnx export {secs.get('onnx_export', 0):.1f}s)")
+        onnx = f" (onnx export {secs['onnx_export']:.1f}s)" if "onnx_export" in secs else ""
+        files = f"{len(m.files)} file{'' if len(m.files) == 1 else 's'}"
+        print(f"{result.directory}: {files}, max |exported-eager| "
+              f"{result.max_error():.2g}, {sum(secs.values()):.1f}s{onnx}")
         return
     for failure in result.failures:
         print(f"FAILED {failure}", file=sys.stderr)
