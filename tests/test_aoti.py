@@ -138,7 +138,7 @@ def test_fixed_batch_frozen_package(name, aoti_export, tmp_path):
                              aoti_batches=[2], aoti_weights="frozen")
     assert result.ok and sorted(result.manifest.files) == ["out.aoti.b2.pt2"]
     info = result.manifest.programs["out.aoti.b2.pt2"]
-    assert info.batch == 2 and info.dynamic == ["height", "width"]
+    assert info.batch == 2 and info.dynamic == []  # H x W fixed too: the weights prepacked when compiling
     assert info.aoti_weights == "frozen" and info.weights_replaceable is False
     assert info.inductor_configs["freezing"] is True and info.inductor_configs["cpp.weight_prepack"] is True
     with zipfile.ZipFile(result.directory / "out.aoti.b2.pt2") as archive:
@@ -151,6 +151,19 @@ def test_fixed_batch_frozen_package(name, aoti_export, tmp_path):
         assert_within_bound(runtime(x).numpy(), net(x).numpy())
     with pytest.raises(ValueError, match=r"batch 3: the 'out' packages .* were compiled for batch 2 only"):
         runtime(torch.randn(3, *shape))
+    hw = "x".join(map(str, shape[1:]))
+    with pytest.raises(ValueError, match=rf"input 40x48: the 'out' package out.aoti.b2.pt2 .* compiled for {hw} only"):
+        runtime(torch.randn(2, shape[0], 40, 48))
+    # no convolution weight is reordered per call: oneDNN's own log of a call after the first
+    weights = {"x".join(map(str, m.weight.shape)) for m in net.modules() if isinstance(m, torch.nn.Conv2d)}
+    probe = (f"import torch; m = torch._inductor.aoti_load_package({str(result.directory / 'out.aoti.b2.pt2')!r}); "
+             f"x = torch.randn(2, *{shape!r}); m(x); print('second call', flush=True); m(x)")
+    log = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "ONEDNN_VERBOSE": "1"}).stdout
+    assert "second call" in log and "exec,cpu,convolution" in log.split("second call")[1], log[-2000:]
+    reordered = [line for line in log.split("second call")[1].splitlines()
+                 if ",exec,cpu,reorder," in line and line.split(",")[-2] in weights]
+    assert not reordered, reordered[:3]
     with pytest.raises(ParamsError, match=r"out.aoti.b2.pt2: compiled with --aoti-weights frozen .* "
                                           r"re-export with --aoti-weights replaceable"):
         runtime.set_params(net.get_params())

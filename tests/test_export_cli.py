@@ -141,6 +141,9 @@ def test_all_continues_past_a_failure(capsys, tmp_path, monkeypatch):
     assert "1 exported, 1 failed" in out
     assert "FAILED: RuntimeError: boom" in out and "tiny-mlp" in out
     assert (tmp_path / "tiny-mlp" / "full.onnx").exists()
+    # a line per backbone as it finishes, for logs (stderr is not a terminal here: no bar)
+    assert "broken: FAILED: RuntimeError: boom (" in err and "tiny-mlp: ok (" in err, err
+    assert "\r" not in err
 
 
 def test_example_args_fill_required_ones(capsys, tmp_path):

@@ -298,7 +298,7 @@ def run_all(opts) -> int:
     rows: List[List[str]] = []
     failed = skipped = 0
     names = list_backbones()
-    for name in (bar := tqdm(names, desc="export", unit="backbone", file=sys.stderr)):
+    for name in (bar := tqdm(names, desc="export", unit="backbone", file=sys.stderr, disable=None)):
         bar.set_postfix_str(name)
         t = time.perf_counter()
         cannot = sorted(set(parse_list(opts.formats, FORMATS, "format") if opts.formats else [])
@@ -321,6 +321,8 @@ def run_all(opts) -> int:
             status, err = f"FAILED: {type(exc).__name__}: {str(exc).splitlines()[0][:100]}", "-"
         failed += status != "ok"
         rows.append([name, opts.modes, opts.formats or "default", f"{time.perf_counter() - t:.1f}", err, status])
+        # a line per backbone: the progress a log gets (the bar shows only on a terminal)
+        bar.write(f"{name}: {status.splitlines()[0][:120]} ({rows[-1][3]} s)", file=sys.stderr)
     print(format_table(["backbone", "modes", "formats", "seconds", "max error", "status"], rows))
     print(f"{len(rows) - failed - skipped} exported, {failed} failed"
           + (f", {skipped} skipped (a format they cannot have)" if skipped else ""))

@@ -7,7 +7,7 @@ vector given to `set_params` for the modes it loads later.
 
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Optional, Union
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple, Union
 
 import numpy as np
 import torch
@@ -51,7 +51,8 @@ class TorchBackbone(RuntimeBackbone):
             if torch.get_num_threads() != before:
                 torch.set_num_threads(before)
 
-    def _callable(self, mode: str, batch: int):
+    def _callable(self, mode: str, shape: Tuple[int, ...]):
+        """What runs `mode` on an input of `shape` (batch first)."""
         raise NotImplementedError
 
     def _load(self, key: Any, make: Callable[[], Any]) -> Any:
@@ -65,7 +66,7 @@ class TorchBackbone(RuntimeBackbone):
         return self._loaded[key]
 
     def _run(self, mode: str, x: np.ndarray) -> List[Any]:
-        fn = self._callable(mode, x.shape[0])
+        fn = self._callable(mode, tuple(x.shape))
         with torch.no_grad(), self._threads():
             out = fn(torch.from_numpy(x).to(self.device))
         return unpack_outputs(out)
@@ -112,7 +113,7 @@ class TorchScriptBackbone(_OneFilePerMode):
 
         return self._load(mode, make)
 
-    def _callable(self, mode: str, batch: int):
+    def _callable(self, mode: str, shape: Tuple[int, ...]):
         return self._module(mode)
 
     def _apply_params(self, loaded, key) -> None:
@@ -134,7 +135,7 @@ class ExportedBackbone(_OneFilePerMode):
         # [program, its module() once called]: parameters are set in the program's state
         return self._load(mode, lambda: [load_program(self._verified_bytes(artifact_name(mode, "exported"))), None])
 
-    def _callable(self, mode: str, batch: int):
+    def _callable(self, mode: str, shape: Tuple[int, ...]):
         entry = self._program(mode)
         if entry[1] is None:
             entry[1] = entry[0].module().to(self.device)
@@ -170,13 +171,21 @@ class AotiBackbone(TorchBackbone):
             check_torch_version(name, programs[name])
         self._check_files(names)
 
-    def package_name(self, mode: str, batch: int) -> str:
-        """The package that runs `mode` at `batch`: compiled for that batch, else any-batch."""
+    def package_name(self, mode: str, batch: int, hw: Optional[Tuple[int, ...]] = None) -> str:
+        """The package that runs `mode` at `batch` (and spatial size `hw`): compiled for that
+        batch (a frozen one only at the export's H x W, which it fixes), else any-batch."""
         by_batch = self.packages[mode]
-        if batch in by_batch:
-            return by_batch[batch]
+        fixed = by_batch.get(batch)
+        if fixed is not None and (hw is None or "height" in self.manifest.programs[fixed].dynamic
+                                  or tuple(hw) == self._export_hw()):
+            return fixed
         if None in by_batch:
             return by_batch[None]
+        if fixed is not None:
+            size, want = "x".join(map(str, hw)), "x".join(map(str, self._export_hw()))
+            raise ValueError(f"input {size}: the {mode!r} package {fixed} of {self.directory} was compiled "
+                             f"for {want} only (a frozen per-batch package fixes the input size; export "
+                             "with --aoti-batch dynamic as well for other sizes)")
         sizes = ", ".join(str(b) for b in sorted(by_batch))
         raise ValueError(f"batch {batch}: the {mode!r} packages of {self.directory} were compiled for "
                          f"batch {sizes} only (export with --aoti-batch dynamic for any size)")
@@ -184,8 +193,11 @@ class AotiBackbone(TorchBackbone):
     def _package(self, name: str):
         return self._load(name, lambda: load_package(self._verified_bytes(name), name))
 
-    def _callable(self, mode: str, batch: int):
-        return self._package(self.package_name(mode, batch))
+    def _export_hw(self) -> Tuple[int, ...]:
+        return tuple(int(d) for d in self.manifest.input.shape[2:])
+
+    def _callable(self, mode: str, shape: Tuple[int, ...]):
+        return self._package(self.package_name(mode, shape[0], shape[2:]))
 
     def package_for(self, mode: str, batch: Optional[int]):
         """The loaded package (a callable on torch tensors) that runs `mode` at `batch`; None:

@@ -252,7 +252,7 @@ async def _drive(target: Any, result: LoadResult, requests: int, concurrency: in
     if progress:
         from tqdm import tqdm
 
-        bar = tqdm(total=requests, unit="req", desc=desc)
+        bar = tqdm(total=requests, unit="req", desc=desc, disable=None)
 
     async def one() -> None:
         t0 = time.perf_counter()

@@ -249,7 +249,7 @@ def measure(runtimes: Dict[str, Callable[[np.ndarray, torch.Tensor], Any]], shap
     per_round: Dict[tuple, List[float]] = {(n, b): [] for n in names for b in batches}
     all_times: Dict[tuple, List[float]] = {(n, b): [] for n in names for b in batches}
     jobs = [(r, b, i) for r in range(rounds) for b in batches for i in range(len(names))]
-    for r, batch, i in (bar := tqdm(jobs, desc="bench", file=sys.stderr)):
+    for r, batch, i in (bar := tqdm(jobs, desc="bench", file=sys.stderr, disable=None)):
         name = names[(i + r) % len(names)]
         bar.set_postfix_str(f"round {r + 1}/{rounds} {name} batch {batch}")
         x = inputs[batch]

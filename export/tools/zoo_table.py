@@ -170,7 +170,7 @@ def write_table(names: Sequence[str], md_path: Path, csv_path: Path, cpu: str, d
     registered = REGISTRY.names()
     rows = {k: v for k, v in read_csv(csv_path).items() if k in registered}
     with tempfile.TemporaryDirectory(prefix="zoo-table-", dir=workdir) as tmp:
-        for name in (bar := tqdm(list(names), desc="zoo table", unit="backbone")):
+        for name in (bar := tqdm(list(names), desc="zoo table", unit="backbone", disable=None)):
             bar.set_postfix_str(name)
             rows[name] = measure(name, Path(tmp), cpu, date)
             log(f"{name}: export {rows[name]['export_s']} s, ORT bs1 {rows[name]['ort_bs1_ms']} ms")
