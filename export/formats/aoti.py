@@ -31,7 +31,15 @@ import torch
 from torch import Tensor
 
 from export.errors import ExportError, ParamsError
-from export.formats.base import Format, Layout, Source, retrace_keeping_ranges, used_parameters, verify_in_fresh_process
+from export.formats.base import (
+    Format,
+    Layout,
+    Source,
+    quiet_logger,
+    retrace_keeping_ranges,
+    used_parameters,
+    verify_in_fresh_process,
+)
 from export.store.flat_vector import Buffers, check_params_vector, layout_names, prefixed_buffers
 from export.store.manifest import ARTIFACT_SUFFIX, ProgramInfo
 
@@ -73,6 +81,10 @@ def check_compiler() -> str:
     from torch._inductor import config
     from torch._inductor.cpp_builder import get_cpp_compiler
 
+    # inductor imports cpp_extension to compile; on a machine without CUDA it logs
+    # "No CUDA runtime is found" at import, which nothing here can act on
+    with quiet_logger("torch.utils.cpp_extension"):
+        import torch.utils.cpp_extension  # noqa: F401
     try:
         return get_cpp_compiler()
     except Exception:  # inductor raises its own error type when the search finds nothing

@@ -16,6 +16,22 @@ from torch import Tensor
 
 from export.store.manifest import LayoutEntry
 
+
+@contextmanager
+def quiet_logger(name: str) -> Iterator[None]:
+    """Raise logger `name` to ERROR for the block: torch modules that log a warning when first
+    imported (torchao's pytree registration, cpp_extension's "No CUDA runtime is found" on a
+    CPU machine) say nothing a user of this format can act on."""
+    import logging
+
+    logger = logging.getLogger(name)
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
 #: a file's path, or its bytes already checked against the manifest
 Source = Union[Path, bytes]
 Layout = List[LayoutEntry]

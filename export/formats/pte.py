@@ -13,17 +13,15 @@ every parameter, in `parameters()` order; the file grows by the weights' size, d
 """
 
 import importlib
-import logging
 import time
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Optional
+from typing import Any, Callable, ContextManager, Dict, List, Optional
 
 import torch
 from torch import Tensor
 
 from export.errors import ExportError, ParamsError
-from export.formats.base import Format, Layout, Source, retrace_keeping_ranges, verify_in_fresh_process
+from export.formats.base import Format, Layout, Source, quiet_logger, retrace_keeping_ranges, verify_in_fresh_process
 from export.store.manifest import ARTIFACT_SUFFIX
 
 #: what to install for this format
@@ -32,17 +30,10 @@ EXTRA = "pip install 'returnt-zoo[edge]' (executorch==1.5.1)"
 DEFAULT_MAX_BATCH = 64
 
 
-@contextmanager
-def _quiet_import() -> Iterator[None]:
+def _quiet_import() -> ContextManager[None]:
     """torchao (imported by ExecuTorch) registers an Enum with torch's pytree, which logs a
     deprecation warning at import; only that logger is raised for the import."""
-    logger = logging.getLogger("torch.utils._pytree")
-    level = logger.level
-    logger.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        logger.setLevel(level)
+    return quiet_logger("torch.utils._pytree")
 
 
 def executorch_version() -> str:
