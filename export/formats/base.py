@@ -32,6 +32,7 @@ def quiet_logger(name: str) -> Iterator[None]:
     finally:
         logger.setLevel(level)
 
+
 #: a file's path, or its bytes already checked against the manifest
 Source = Union[Path, bytes]
 Layout = List[LayoutEntry]
