@@ -75,8 +75,10 @@ def _base_parser(add_help: bool) -> argparse.ArgumentParser:
     parser.add_argument("--aoti-weights", default="replaceable", choices=AOTI_WEIGHTS,
                         help="AOTInductor package kind: replaceable (set_params and published versions "
                              "swap the weights in memory) or frozen (oneDNN convolutions with BatchNorm and "
-                             "residual adds fused, the weights folded in: fastest, ~2.5x at batch 1 with "
-                             "--aoti-batch 1 on CIFAR ResNet-18, but set_params is refused) (default: %(default)s)")
+                             "residual adds fused, the weights folded in: fastest, 2.5-2.8x the replaceable "
+                             "package at batch 1 with --aoti-batch 1 on CIFAR ResNet-18; with --aoti-batch N "
+                             "it also fixes the input's H x W, so the weights are prepacked; set_params is "
+                             "refused) (default: %(default)s)")
     parser.add_argument("--verify-in", choices=VERIFY_IN, default=_default_verify_in(),
                         help="where the TorchScript and torch.export files are loaded and checked: fresh "
                              "(a new Python without the zoo, running on another core during the ONNX "
