@@ -357,3 +357,28 @@ def test_compiling_logs_no_cuda_noise():
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=REPO)
     assert proc.returncode == 0 and "imported" in proc.stdout, proc.stderr
     assert "CUDA" not in proc.stderr, proc.stderr
+
+
+def test_a_frozen_size_goes_to_the_any_batch_package_elsewhere():
+    """The aoti engine's choice, without compiling: a frozen batch-2 package (H x W fixed at
+    32x32) runs batch 2 at 32x32 only; other sizes go to the any-batch package when there is one,
+    and are refused by size when there is not; a replaceable batch-2 package takes any H x W."""
+    from types import SimpleNamespace
+
+    from export.runtime.torch_engines import AotiBackbone
+
+    def engine(packages, dynamic):
+        programs = {name: SimpleNamespace(dynamic=dynamic) for name in packages.values()}
+        manifest = SimpleNamespace(programs=programs, input=SimpleNamespace(shape=["batch", 3, 32, 32]))
+        fake = SimpleNamespace(packages={"out": packages}, manifest=manifest, directory="d")
+        fake._export_hw = lambda: AotiBackbone._export_hw(fake)
+        return lambda batch, hw: AotiBackbone.package_name(fake, "out", batch, hw)
+
+    both = engine({None: "out.aoti.pt2", 2: "out.aoti.b2.pt2"}, [])
+    assert both(2, (32, 32)) == "out.aoti.b2.pt2"
+    assert both(2, (40, 48)) == "out.aoti.pt2" and both(3, (32, 32)) == "out.aoti.pt2"
+    alone = engine({2: "out.aoti.b2.pt2"}, [])
+    with pytest.raises(ValueError, match="input 40x48: the 'out' package out.aoti.b2.pt2 of d was compiled for 32x32"):
+        alone(2, (40, 48))
+    replaceable = engine({2: "out.aoti.b2.pt2"}, ["height", "width"])
+    assert replaceable(2, (40, 48)) == "out.aoti.b2.pt2"
