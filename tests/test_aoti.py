@@ -352,6 +352,8 @@ def test_compiling_logs_no_cuda_noise():
     """`--formats aoti` on a machine without CUDA: inductor's import of cpp_extension logged "No
     CUDA runtime is found" (a warning no user can act on); the compiler check imports it quietly
     first, so the import inductor makes while compiling says nothing."""
+    if torch.cuda.is_available():
+        pytest.skip("CUDA is available here: torch logs no 'No CUDA runtime is found' to silence")
     code = ("from export.formats.aoti import check_compiler; check_compiler(); "
             "import torch.utils.cpp_extension; print('imported')")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=REPO)
