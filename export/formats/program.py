@@ -18,6 +18,7 @@ from torch import Tensor
 
 from export.errors import ParamsError
 from export.formats.base import Format, Layout, Source, used_parameters
+from export.formats.program_serde import memoised_serde
 from export.store.atomic import atomic_path
 from export.store.flat_vector import Buffers, check_params_vector, layout_names, prefixed_buffers
 from export.store.manifest import ARTIFACT_SUFFIX, refuse_export_file
@@ -31,7 +32,8 @@ def program_bytes(program: torch.export.ExportedProgram) -> bytes:
             for node in module.graph.nodes:
                 node.meta.pop("stack_trace", None)
     buffer = io.BytesIO()
-    torch.export.save(program, buffer)
+    with memoised_serde():
+        torch.export.save(program, buffer)
     return buffer.getvalue()
 
 
@@ -83,7 +85,7 @@ def load_program(source: Union[Path, bytes]) -> torch.export.ExportedProgram:
 
     def deserialise(data: bytes) -> torch.export.ExportedProgram:
         try:
-            with warnings.catch_warnings():
+            with warnings.catch_warnings(), memoised_serde():
                 warnings.simplefilter("ignore")
                 return torch.export.load(io.BytesIO(data))
         except Exception as exc:  # zipfile, pickle and schema errors alike
