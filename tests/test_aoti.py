@@ -361,6 +361,19 @@ def test_compiling_logs_no_cuda_noise():
     assert "CUDA" not in proc.stderr, proc.stderr
 
 
+@pytest.mark.parametrize("name", ["mnistmlp"])
+def test_loading_a_package_logs_no_cuda_noise(name, aoti_export):
+    """The aoti engine on a machine without CUDA: aoti_load_package imports cpp_extension too."""
+    if torch.cuda.is_available():
+        pytest.skip("CUDA is available here: torch logs no 'No CUDA runtime is found' to silence")
+    _, result = aoti_export
+    code = (f"import torch; from export.runtime import load; "
+            f"print(tuple(load({str(result.directory)!r}, engine='aoti')(torch.zeros(2, 1, 28, 28)).shape))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert proc.returncode == 0 and proc.stdout.strip() == "(2, 10)", proc.stderr
+    assert "CUDA" not in proc.stderr, proc.stderr
+
+
 def test_a_frozen_size_goes_to_the_any_batch_package_elsewhere():
     """The aoti engine's choice, without compiling: a frozen batch-2 package (H x W fixed at
     32x32) runs batch 2 at 32x32 only; other sizes go to the any-batch package when there is one,

@@ -76,15 +76,20 @@ class AotiError(ExportError):
     """An AOTInductor package that cannot be built or loaded here."""
 
 
+def _import_cpp_extension_quietly() -> None:
+    """Inductor imports torch.utils.cpp_extension to compile and to load a package; on a machine
+    without CUDA that import logs "No CUDA runtime is found", which nothing here can act on.
+    Imported first under a raised logger, it says nothing when inductor imports it."""
+    with quiet_logger("torch.utils.cpp_extension"):
+        import torch.utils.cpp_extension  # noqa: F401
+
+
 def check_compiler() -> str:
     """The C++ compiler inductor will use; one line naming what to install when there is none."""
     from torch._inductor import config
     from torch._inductor.cpp_builder import get_cpp_compiler
 
-    # inductor imports cpp_extension to compile; on a machine without CUDA it logs
-    # "No CUDA runtime is found" at import, which nothing here can act on
-    with quiet_logger("torch.utils.cpp_extension"):
-        import torch.utils.cpp_extension  # noqa: F401
+    _import_cpp_extension_quietly()
     try:
         return get_cpp_compiler()
     except Exception:  # inductor raises its own error type when the search finds nothing
@@ -132,6 +137,7 @@ def load_package(source: Union[Path, bytes], name: str = "package"):
     batch of 3 without it); the aoti engine does not rely on it: it picks the package compiled
     for each call's batch size. With the check on, a dynamic-batch package takes 1..4096."""
     data = io.BytesIO(source) if isinstance(source, bytes) else str(source)
+    _import_cpp_extension_quietly()
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
