@@ -24,6 +24,8 @@ from typing import Any, Callable, Dict, Iterator, Optional
 
 import torch
 
+#: expressions whose text is remembered at most (a CNN program has a few thousand)
+_MAX_PRINTED = 100_000
 _LOCK = threading.Lock()
 _DEPTH = 0
 _ORIGINALS: Dict[str, Any] = {}
@@ -49,7 +51,12 @@ def _memoised_parse(parse: Callable[..., Any]) -> Callable[..., Any]:
     def parse_once(self, expr_str, hint=None):
         if not isinstance(expr_str, str):
             return parse(self, expr_str, hint)
-        memo = self.__dict__.setdefault("_returnt_zoo_parsed", {})
+        # one memo per deserialisation: `deserialize` starts new symbol tables and a new ShapeEnv
+        state = (self.symbol_name_to_symbol, self.shape_env)
+        held = self.__dict__.get("_returnt_zoo_parsed")
+        if held is None or held[0][0] is not state[0] or held[0][1] is not state[1]:
+            held = self.__dict__["_returnt_zoo_parsed"] = (state, {})
+        memo = held[1]
         expr = memo.get(expr_str)
         if expr is None or (hint is not None and expr not in self.shape_env.backed_var_to_val):
             expr = memo[expr_str] = parse(self, expr_str, hint)
@@ -65,6 +72,8 @@ def _memoised_print(print_sympy: Callable[[Any], str]) -> Callable[[Any], str]:
 
     def print_once(s):
         expr = s.node.expr if isinstance(s, (torch.SymInt, torch.SymBool, torch.SymFloat)) else s
+        if len(texts) > _MAX_PRINTED:  # saves that keep the memos installed for long stay bounded
+            texts.clear()
         held = texts.get(id(expr))
         if held is None or held[0] is not expr:
             held = texts[id(expr)] = (expr, print_sympy(expr))
