@@ -27,3 +27,10 @@ class DiskFullError(ExportError, OSError):
 
 class ParamsError(ExportError, ValueError):
     """A file or flat parameter vector that does not fit the manifest's parameter layout."""
+
+
+def first_line(exc: BaseException, limit: int = 200) -> str:
+    """The first non-empty line of an exception's message (TorchScript's errors start with a
+    newline), or its type's name when it has none: what a one-line report can show."""
+    text = str(exc).strip()
+    return (text.splitlines()[0] if text else type(exc).__name__)[:limit]

@@ -133,13 +133,22 @@ def test_all_continues_past_a_failure(capsys, tmp_path, monkeypatch):
     def broken(num_classes: int = 10):
         raise RuntimeError("boom")
 
-    small.register("broken")(broken)
+    def scripted(num_classes: int = 10):  # TorchScript's errors start with a newline
+        raise RuntimeError("\nThe following operation failed in the TorchScript interpreter.\n...")
+
+    def silent(num_classes: int = 10):
+        raise RuntimeError()
+
+    for name, build in (("broken", broken), ("scripted", scripted), ("silent", silent)):
+        small.register(name)(build)
     monkeypatch.setattr("export.cli.export.REGISTRY", small)
     monkeypatch.setattr("export.cli.export.list_backbones", lambda: small.names())
     code, out, err = run(capsys, "--all", "--out", tmp_path, "--formats", "onnx")
     assert code == 1
-    assert "1 exported, 1 failed" in out
+    assert "1 exported, 3 failed" in out
     assert "FAILED: RuntimeError: boom" in out and "tiny-mlp" in out
+    assert "scripted: FAILED: RuntimeError: The following operation failed in the TorchScript" in err, err
+    assert "silent: FAILED: RuntimeError: RuntimeError (" in err, err
     assert (tmp_path / "tiny-mlp" / "full.onnx").exists()
     # a line per backbone as it finishes, for logs (stderr is not a terminal here: no bar)
     assert "broken: FAILED: RuntimeError: boom (" in err and "tiny-mlp: ok (" in err, err

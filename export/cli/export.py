@@ -14,6 +14,7 @@ from typing import Any, Dict, List, Optional, Sequence
 import torch
 
 from export.cli.options import CliError, check_dir_name, parse_aoti_batches, parse_list
+from export.errors import first_line
 from export.formats import DEFAULT_FORMATS, FORMATS
 from export.formats.aoti import AOTI_WEIGHTS
 from export.pipeline import preprocessing
@@ -320,7 +321,7 @@ def run_all(opts) -> int:
             status = "ok" if result.ok else "FAILED: " + "; ".join(result.failures)
             err = f"{result.max_error():.1e}"
         except Exception as exc:  # keep going: one backbone's failure must not stop the rest
-            status, err = f"FAILED: {type(exc).__name__}: {str(exc).splitlines()[0][:100]}", "-"
+            status, err = f"FAILED: {type(exc).__name__}: {first_line(exc, 100)}", "-"
         failed += status != "ok"
         rows.append([name, opts.modes, opts.formats or "default", f"{time.perf_counter() - t:.1f}", err, status])
         # a line per backbone: the progress a log gets (the bar shows only on a terminal)

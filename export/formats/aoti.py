@@ -30,7 +30,7 @@ from typing import Any, Callable, Dict, List, Optional, Union
 import torch
 from torch import Tensor
 
-from export.errors import ExportError, ParamsError
+from export.errors import ExportError, ParamsError, first_line
 from export.formats.base import (
     Format,
     Layout,
@@ -144,7 +144,7 @@ def load_package(source: Union[Path, bytes], name: str = "package"):
             return torch._inductor.aoti_load_package(data)
     except Exception as exc:
         raise AotiError(f"{name}: not a loadable AOTInductor package ({type(exc).__name__}: "
-                        f"{str(exc).splitlines()[0][:120] if str(exc) else ''})") from None
+                        f"{first_line(exc, 120)})") from None
 
 
 def _constants(source: Union[Path, bytes], name: str, device: str = "cpu") -> Dict[str, Tensor]:

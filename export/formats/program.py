@@ -16,7 +16,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 import torch
 from torch import Tensor
 
-from export.errors import ParamsError
+from export.errors import ParamsError, first_line
 from export.formats.base import Format, Layout, Source, used_parameters
 from export.formats.program_serde import memoised_serde
 from export.store.atomic import atomic_path
@@ -91,7 +91,7 @@ def load_program(source: Union[Path, bytes]) -> torch.export.ExportedProgram:
         except Exception as exc:  # zipfile, pickle and schema errors alike
             where = "the given bytes" if isinstance(source, bytes) else str(source)
             raise ParamsError(f"{where}: not a torch.export program ({type(exc).__name__}: "
-                              f"{str(exc).splitlines()[0][:100] if str(exc) else ''})") from None
+                              f"{first_line(exc, 100)})") from None
 
     return _CACHE.get(data, deserialise)
 

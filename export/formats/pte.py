@@ -20,7 +20,7 @@ from typing import Any, Callable, ContextManager, Dict, List, Optional
 import torch
 from torch import Tensor
 
-from export.errors import ExportError, ParamsError
+from export.errors import ExportError, ParamsError, first_line
 from export.formats.base import Format, Layout, Source, quiet_logger, retrace_keeping_ranges, verify_in_fresh_process
 from export.store.manifest import ARTIFACT_SUFFIX
 
@@ -157,7 +157,7 @@ def load_method(source: Source) -> LoadedProgram:
     except Exception as exc:  # the runtime raises RuntimeError/ValueError for a bad file
         where = "the given bytes" if isinstance(source, bytes) else str(source)
         raise ExportError(f"{where}: not a loadable ExecuTorch program ({type(exc).__name__}: "
-                          f"{str(exc).splitlines()[0][:120] if str(exc) else ''})") from None
+                          f"{first_line(exc, 120)})") from None
 
 
 def _write(program: torch.export.ExportedProgram, path: Path, max_batch: int = DEFAULT_MAX_BATCH,

@@ -8,7 +8,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 
-from export.errors import ExportError
+from export.errors import ExportError, first_line
 from export.formats import DEFAULT_FORMATS, FORMATS, get_format
 from export.pipeline.preprocessing import Normalize, Preprocessing
 from export.pipeline.trace import MAX_BATCH, derive_program, dynamic_dims, export_program
@@ -204,7 +204,7 @@ def check_input_shape(net: MammothBackbone, shape: Tuple[int, ...]) -> Tuple[int
         with torch.no_grad():
             net(torch.zeros(1, *shape, device=next(net.parameters()).device))
     except RuntimeError as exc:
-        first = str(exc).splitlines()[0][:120]
+        first = first_line(exc, 120)
         if "alloc" in first.lower() or "out of memory" in first.lower():
             raise ExportError(f"--input-shape {text}: not enough memory for backbone {name!r} "
                               f"({first})") from None

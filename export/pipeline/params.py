@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from export.errors import ExportError, ParamsError
+from export.errors import ExportError, ParamsError, first_line
 from export.formats import format_of_file, get_format
 from export.formats.aoti import check_torch_version
 from export.store.atomic import TMP_SUFFIX
@@ -37,7 +37,7 @@ def load_tensor(path: Path, what: str = "data") -> np.ndarray:
         try:
             return np.load(path, allow_pickle=False)
         except (OSError, ValueError) as exc:
-            raise ExportError(f"{path}: not a readable .npy array ({str(exc).splitlines()[0]})") from None
+            raise ExportError(f"{path}: not a readable .npy array ({first_line(exc)})") from None
     from zoo.weights import load_file
 
     value = load_file(path)

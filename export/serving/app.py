@@ -29,7 +29,7 @@ from ray.serve.grpc_util import RayServegRPCContext
 from starlette.requests import Request
 from starlette.responses import Response
 
-from export.errors import ExportError
+from export.errors import ExportError, first_line
 from export.serving import grpc_oip
 from export.serving.config import BACKBONE_DEPLOYMENT, MESSAGE_SIZE_ENV, check_pinned
 from export.serving.oip import (
@@ -304,7 +304,7 @@ class OipIngress:
             raise RequestError(f"model {model!r} did not answer within {self.request_timeout_s:g} s; retry",
                                503) from None
         except RETRIABLE as exc:
-            logger.warning("call to %s: %s: %s", model, type(exc).__name__, str(exc).splitlines()[0])
+            logger.warning("call to %s: %s: %s", model, type(exc).__name__, first_line(exc))
             raise RequestError(f"a replica of {model!r} stopped while serving this request "
                                f"({type(exc).__name__}); retry", 503) from None
         except LookupError as exc:  # a version the replicas do not hold

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-from export.errors import ExportError
+from export.errors import ExportError, first_line
 from export.serving.config import BACKBONE_APP, BACKBONE_DEPLOYMENT, served_numbers, versions_config
 from export.store.manifest import read_manifest
 from export.store.versions import read_deployed, record_deployed, resolve_version
@@ -54,7 +54,7 @@ def connect(address: Optional[str], directory: Path) -> str:
         try:
             ray.init(address=address, logging_level="ERROR", log_to_driver=False)
         except ConnectionError as exc:
-            raise ExportError(f"cannot reach Ray at {address}: {str(exc).splitlines()[0][:200]}") from None
+            raise ExportError(f"cannot reach Ray at {address}: {first_line(exc)}") from None
     return address
 
 

@@ -15,7 +15,7 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from export.errors import ExportError, IntegrityError, ManifestError, ParamsError
+from export.errors import ExportError, IntegrityError, ManifestError, ParamsError, first_line
 from export.store.atomic import atomic_write_bytes
 
 MANIFEST = "manifest.json"
@@ -329,7 +329,7 @@ def read_manifest(directory: Path) -> Manifest:
     try:
         data = json.loads(path.read_bytes())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ManifestError(f"{path}: not valid JSON ({str(exc).splitlines()[0]})") from None
+        raise ManifestError(f"{path}: not valid JSON ({first_line(exc)})") from None
     return parse_manifest(data, path)
 
 

@@ -12,7 +12,7 @@ Keys are elliptic-curve PEM files (NIST P-256/384/521), e.g.
 from pathlib import Path
 from typing import Any
 
-from export.errors import ExportError, IntegrityError
+from export.errors import ExportError, IntegrityError, first_line
 from export.store.versions import SIGNATURE
 
 
@@ -47,7 +47,7 @@ def sign_version(directory: Path, private_key: Path) -> Path:
         (ms.signing.Config().use_elliptic_key_signer(private_key=_key_file(private_key, "--sign-key"))
          .set_hashing_config(_hashing(ms, directory)).sign(directory, directory / SIGNATURE))
     except (ValueError, TypeError) as exc:
-        raise ExportError(f"--sign-key {private_key}: cannot sign with it ({str(exc).splitlines()[0][:160]}); "
+        raise ExportError(f"--sign-key {private_key}: cannot sign with it ({first_line(exc, 160)}); "
                           "expected an elliptic-curve private key in PEM (openssl ecparam -name prime256v1 "
                           "-genkey -noout -out key.pem)") from None
     return directory / SIGNATURE

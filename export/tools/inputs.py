@@ -7,7 +7,7 @@ from typing import Optional, Sequence, Tuple
 
 import numpy as np
 
-from export.errors import ExportError
+from export.errors import ExportError, first_line
 from export.pipeline.params import TENSOR_SUFFIXES, load_tensor
 from export.store.manifest import Manifest
 
@@ -55,7 +55,7 @@ def load_image_folder(path: Path, shape: Sequence[int], norm, limit: Optional[in
     try:
         folder = datasets.ImageFolder(str(path), transform=transforms.Compose(steps))
     except (FileNotFoundError, RuntimeError) as exc:
-        raise ExportError(f"{path}: no images ({str(exc).splitlines()[0]}); expected "
+        raise ExportError(f"{path}: no images ({first_line(exc)}); expected "
                           f"{path}/<class>/<image>.png|jpg") from None
     count = len(folder) if limit is None else min(limit, len(folder))
     if limit is not None and count < len(folder):  # an even spread over the classes
