@@ -87,13 +87,16 @@ def _typing_with_cached_hints() -> types.ModuleType:
     once; everything else is typing's own."""
     shim = types.ModuleType("typing")
     shim.__dict__.update(typing.__dict__)
-    hints: Dict[tuple, Dict[str, Any]] = {}
+    hints: Dict[tuple, tuple] = {}
 
     def get_type_hints(obj, globalns=None, localns=None, include_extras=False):
+        # namespaces are dicts (unhashable): keyed by identity, and held so an id is never reused
         key = (obj, id(globalns), id(localns), include_extras)
-        if key not in hints:
-            hints[key] = typing.get_type_hints(obj, globalns=globalns, localns=localns, include_extras=include_extras)
-        return hints[key]
+        held = hints.get(key)
+        if held is None or held[0] is not globalns or held[1] is not localns:
+            held = hints[key] = (globalns, localns, typing.get_type_hints(
+                obj, globalns=globalns, localns=localns, include_extras=include_extras))
+        return held[2]
 
     shim.get_type_hints = get_type_hints
     return shim
