@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from export.cli import main
+from export.errors import ExportError
 from export.formats.onnx import ort_session
 from export.formats.torchscript import load_torchscript
 from export.store.atomic import atomic_path
@@ -139,13 +140,20 @@ def test_all_continues_past_a_failure(capsys, tmp_path, monkeypatch):
     def silent(num_classes: int = 10):
         raise RuntimeError()
 
-    for name, build in (("broken", broken), ("scripted", scripted), ("silent", silent)):
+    def refused(num_classes: int = 10):  # the user's mistake: one line, no traceback
+        raise ExportError("weights.pth: not a checkpoint")
+
+    for name, build in (("broken", broken), ("scripted", scripted), ("silent", silent), ("refused", refused)):
         small.register(name)(build)
     monkeypatch.setattr("export.cli.export.REGISTRY", small)
     monkeypatch.setattr("export.cli.export.list_backbones", lambda: small.names())
     code, out, err = run(capsys, "--all", "--out", tmp_path, "--formats", "onnx")
     assert code == 1
-    assert "1 exported, 3 failed" in out
+    assert "1 exported, 4 failed" in out
+    assert "refused: FAILED: ExportError: weights.pth: not a checkpoint (" in err, err
+    # the three bugs keep their tracebacks (on stderr, after the table's one line), the refusal none
+    assert err.count("Traceback (most recent call last)") == 3, err
+    assert 'raise RuntimeError("boom")' in err and 'raise ExportError(' not in err
     assert "FAILED: RuntimeError: boom" in out and "tiny-mlp" in out
     assert "scripted: FAILED: RuntimeError: The following operation failed in the TorchScript" in err, err
     assert "silent: FAILED: RuntimeError: RuntimeError (" in err, err

@@ -7,6 +7,7 @@ import argparse
 import os
 import sys
 import time
+import traceback
 import warnings
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
@@ -14,7 +15,7 @@ from typing import Any, Dict, List, Optional, Sequence
 import torch
 
 from export.cli.options import CliError, check_dir_name, parse_aoti_batches, parse_list
-from export.errors import first_line
+from export.errors import ExportError, first_line
 from export.formats import DEFAULT_FORMATS, FORMATS
 from export.formats.aoti import AOTI_WEIGHTS
 from export.pipeline import preprocessing
@@ -322,6 +323,8 @@ def run_all(opts) -> int:
             err = f"{result.max_error():.1e}"
         except Exception as exc:  # keep going: one backbone's failure must not stop the rest
             status, err = f"FAILED: {type(exc).__name__}: {first_line(exc, 100)}", "-"
+            if not isinstance(exc, ExportError):  # a bug, not a bad input: its traceback, for the report
+                traceback.print_exc(file=sys.stderr)
         failed += status != "ok"
         rows.append([name, opts.modes, opts.formats or "default", f"{time.perf_counter() - t:.1f}", err, status])
         # a line per backbone: the progress a log gets (the bar shows only on a terminal)
