@@ -17,7 +17,8 @@ from tests.conftest import backbone_params
 
 
 def _torchs_own():
-    return (serialize.GraphModuleDeserializer.__dict__["_parse_sym_expr"], serialize._print_sympy, serialize.typing)
+    return (serialize.GraphModuleDeserializer.__dict__["_parse_sym_expr"], serialize._print_sympy, serialize.typing,
+            serialize.canonicalize)
 
 
 def _saved(program) -> bytes:
@@ -36,8 +37,8 @@ def test_memoised_load_and_save_give_torchs_own_program(name, export, monkeypatc
     """The 'full' program of a CIFAR ResNet-18 (batch, height and width dynamic)."""
     _, result = export
     data = (result.directory / "full.ep.pt2").read_bytes()
-    calls = {"sympify": 0, "hints": 0}
-    sympify, get_type_hints = sympy.sympify, typing.get_type_hints
+    calls = {"sympify": 0, "hints": 0, "canonicalize": 0}
+    sympify, get_type_hints, canonicalize = sympy.sympify, typing.get_type_hints, serialize.canonicalize
 
     def counted_sympify(*args, **kwargs):
         calls["sympify"] += isinstance(args[0], str)
@@ -47,27 +48,34 @@ def test_memoised_load_and_save_give_torchs_own_program(name, export, monkeypatc
         calls["hints"] += 1
         return get_type_hints(*args, **kwargs)
 
+    def counted_canonicalize(*args, **kwargs):
+        calls["canonicalize"] += 1
+        return canonicalize(*args, **kwargs)
+
     monkeypatch.setattr(sympy, "sympify", counted_sympify)
     monkeypatch.setattr(typing, "get_type_hints", counted_hints)
+    monkeypatch.setattr(serialize, "canonicalize", counted_canonicalize)
     own = _torchs_own()
     plain = torch.export.load(io.BytesIO(data))
+    plain_saved = _saved(plain)  # torch's own save runs its self-check
     plain_calls = dict(calls)
-    calls.update(sympify=0, hints=0)
+    calls.update(sympify=0, hints=0, canonicalize=0)
     with memoised_serde() as active:
         assert active, "torch's serializer no longer has the names program_serde memoises"
-        assert _torchs_own() != own
+        assert all(mine is not torchs for mine, torchs in zip(_torchs_own(), own)), "a memo or the skip is missing"
         memoised = torch.export.load(io.BytesIO(data))
         resaved = _saved(plain)
     assert _torchs_own() == own  # restored after the block
     assert plain_calls["sympify"] > 300 and calls["sympify"] * 10 < plain_calls["sympify"], (plain_calls, calls)
     assert plain_calls["hints"] > 1000 and calls["hints"] * 100 < plain_calls["hints"], (plain_calls, calls)
+    assert plain_calls["canonicalize"] == 1 and calls["canonicalize"] == 0, (plain_calls, calls)
     assert memoised.graph_module.code == plain.graph_module.code
     assert _shapes(memoised) == _shapes(plain) and any(re.search(r"\bs\d+", s) for s in _shapes(plain))
     assert {str(k): str(v) for k, v in memoised.range_constraints.items()} == {
         str(k): str(v) for k, v in plain.range_constraints.items()}
     assert memoised.state_dict.keys() == plain.state_dict.keys()
     assert all(torch.equal(memoised.state_dict[k], plain.state_dict[k]) for k in plain.state_dict)
-    assert resaved == _saved(plain) == _saved(memoised) == data
+    assert resaved == plain_saved == _saved(memoised) == data
     x = torch.randn(3, 3, 40, 24)  # a height and width the export never saw
     with torch.no_grad():
         for got, want in zip(memoised.module()(x), plain.module()(x)):
@@ -97,3 +105,31 @@ def test_nested_and_concurrent_uses_share_one_installation():
     for t in threads:
         t.join(timeout=60)
     assert seen == [True] * 4 and _torchs_own() == own
+
+
+def test_the_self_check_is_skipped_only_where_its_result_is_discarded():
+    from export.formats.program_serde import _self_check_discarded, _without_self_check
+
+    def discards(self, ep):
+        canonicalize(ep, set())
+        return ep
+
+    def uses(self, ep):
+        ep = canonicalize(ep, set())
+        return ep
+
+    def both(self, ep):
+        canonicalize(ep)
+        return canonicalize(ep)
+
+    def canonicalize(ep, constants=None):
+        return ("canonical", ep)
+
+    assert _self_check_discarded(serialize.ExportedProgramSerializer.serialize)  # torch 2.14's own
+    assert _self_check_discarded(discards) and not _self_check_discarded(uses) and not _self_check_discarded(both)
+    def serializer(ep):
+        return skipping(ep)
+
+    skipping = _without_self_check(canonicalize, serializer.__code__)
+    assert serializer("ep") == "ep"  # the self-check's call: skipped
+    assert skipping("ep") == ("canonical", "ep")  # any other caller gets torch's result

@@ -1,5 +1,5 @@
 """`torch.export.save`/`load` with three lookups memoised that torch 2.14's serializer repeats
-for every node of a graph.
+for every node of a graph, and without the save's discarded self-check.
 
 A CIFAR backbone's programs have a dynamic batch, height and width, so every tensor's size is
 a sympy expression (`((s1 - 1)//2) + 1` after each stride), stored as sympy's `srepr` text.
@@ -10,16 +10,27 @@ pure for a given input: memoised, the same programs come back (equal graphs, sha
 constraints and state; saved again, the same bytes) while loading the four programs of an
 8-filter ResNet-34 takes 0.9 s instead of 3.2 s.
 
+Saving also runs `canonicalize(serialized_program)` as a self-check ("Test canonical form is well
+defined") and throws its result away; it deep-copies the whole serialized graph first, which is
+more than half of a CNN program's save. Inside the block that call is skipped (ExecuTorch's own
+copy of the serializer has it commented out): the bytes written are the same. It is skipped only
+while torch's source shows the result discarded.
+
 The memos live inside `memoised_serde()` only (torch's functions are restored after the last
 nested use ends), so a user's own `torch.export` calls outside it see torch as installed. Where
 torch's private names differ (another torch version), nothing is replaced and save/load run at
 torch's own speed; `tests/test_program_serde.py` fails then, so the change is seen.
 """
 
+import ast
+import inspect
+import sys
+import textwrap
 import threading
 import types
 import typing
 from contextlib import contextmanager
+from functools import lru_cache
 from typing import Any, Callable, Dict, Iterator, Optional
 
 import torch
@@ -102,18 +113,54 @@ def _typing_with_cached_hints() -> types.ModuleType:
     return shim
 
 
+@lru_cache(maxsize=1)
+def _self_check_discarded(method: Callable[..., Any]) -> bool:
+    """Whether `method` (torch's `ExportedProgramSerializer.serialize`) calls `canonicalize(...)`
+    only as a bare statement, its result unused."""
+    try:
+        tree = ast.parse(textwrap.dedent(inspect.getsource(method)))
+    except (OSError, TypeError, SyntaxError):
+        return False
+
+    def calls_canonicalize(node: ast.AST) -> bool:
+        return (isinstance(node, ast.Call) and isinstance(node.func, ast.Name)
+                and node.func.id == "canonicalize")
+
+    bare = [n for n in ast.walk(tree) if isinstance(n, ast.Expr) and calls_canonicalize(n.value)]
+    every = [n for n in ast.walk(tree) if calls_canonicalize(n)]
+    return len(bare) == len(every) == 1
+
+
+def _without_self_check(canonicalize: Callable[..., Any], serializer_code: types.CodeType) -> Callable[..., Any]:
+    """`canonicalize` that returns its input unchanged when the serializer's self-check calls it
+    (its result is discarded there) and is torch's own for any other caller."""
+
+    def canonicalize_elsewhere(ep, constants=None):
+        if sys._getframe(1).f_code is serializer_code:
+            return ep
+        return canonicalize(ep, constants)
+
+    return canonicalize_elsewhere
+
+
 def _install(serialize: types.ModuleType) -> None:
     cls = serialize.GraphModuleDeserializer
     _ORIGINALS.update(parse=cls.__dict__["_parse_sym_expr"], print=serialize._print_sympy, typing=serialize.typing)
     cls._parse_sym_expr = _memoised_parse(_ORIGINALS["parse"])
     serialize._print_sympy = _memoised_print(_ORIGINALS["print"])
     serialize.typing = _typing_with_cached_hints()
+    method = getattr(getattr(serialize, "ExportedProgramSerializer", None), "serialize", None)
+    if callable(getattr(serialize, "canonicalize", None)) and method is not None and _self_check_discarded(method):
+        _ORIGINALS["canonicalize"] = serialize.canonicalize
+        serialize.canonicalize = _without_self_check(serialize.canonicalize, method.__code__)
 
 
 def _restore(serialize: types.ModuleType) -> None:
     serialize.GraphModuleDeserializer._parse_sym_expr = _ORIGINALS.pop("parse")
     serialize._print_sympy = _ORIGINALS.pop("print")
     serialize.typing = _ORIGINALS.pop("typing")
+    if "canonicalize" in _ORIGINALS:
+        serialize.canonicalize = _ORIGINALS.pop("canonicalize")
 
 
 @contextmanager
