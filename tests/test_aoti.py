@@ -315,17 +315,6 @@ def test_aoti_params_are_not_a_silent_no_op(name, aoti_export, tmp_path):
     assert torch.equal(runtime.get_params(), net.get_params())
 
 
-def test_bench_has_aoti_rows(tmp_path, capsys):
-    out = tmp_path / "bench.json"
-    assert main(["bench", "--backbone", "mnistmlp", "--batches", "2", "--seconds", "0.1", "--rounds", "1",
-                 "--epochs", "0", "--threads", "1", "--json", str(out), "--no-pte"]) == 0
-    report = json.loads(out.read_text())
-    assert {"aoti", "aoti-per-batch", "aoti-frozen-per-batch", "ort-fp32"} <= {
-        r["runtime"] for r in report["results"]}
-    assert set(report["aoti_compile_seconds"]) == {"out.aoti.pt2", "out.aoti.b2.pt2", "frozen out.aoti.b2.pt2"}
-    assert "AOTInductor compile seconds" in capsys.readouterr().out
-
-
 @pytest.mark.parametrize("name", ["resnet18"])
 def test_a_published_version_runs_in_the_packages(name, aoti_export, tmp_path):
     """A task's checkpoint published into a directory with packages: verified in a fresh process

@@ -64,17 +64,24 @@ def acc_epochs(report) -> int:
 
 
 def test_bench_report_and_json(tmp_path, capsys):
+    """One bench with every row kind (a second batch size would compile two more AOTInductor
+    packages; the bench of a directory in test_auto_engine.py times two)."""
     out, png = tmp_path / "bench.json", tmp_path / "bench.png"
-    code = main(["bench", "--backbone", "mnistmlp", "--batches", "1,4", "--seconds", "0.2", "--rounds", "2",
-                 "--epochs", "1", "--threads", "1", "--json", str(out), "--plot", str(png), "--no-aoti"])
+    code = main(["bench", "--backbone", "mnistmlp", "--batches", "2", "--seconds", "0.2", "--rounds", "2",
+                 "--epochs", "1", "--threads", "1", "--json", str(out), "--plot", str(png)])
     assert code == 0
     text = capsys.readouterr().out
     report = json.loads(out.read_text())
     runtimes = {r["runtime"] for r in report["results"]}
     assert {"eager", "torchscript-frozen", "ort-fp32", "ort-int8", "openvino-fp32", "openvino-int8",
-            "executorch-fp32", "executorch-int8"} <= runtimes
-    assert {r["batch"] for r in report["results"]} == {1, 4}
+            "executorch-fp32", "executorch-int8", "aoti", "aoti-per-batch", "aoti-frozen-per-batch"} <= runtimes
+    assert {r["batch"] for r in report["results"]} == {2}
+    assert set(report["aoti_compile_seconds"]) == {"out.aoti.pt2", "out.aoti.b2.pt2", "frozen out.aoti.b2.pt2"}
+    assert "AOTInductor compile seconds" in text
     assert report["flops_per_image"] > 2 * 784 * 100  # counted, not typed
+    # the fp32 matmul peak, measured briefly with a brief bench: one thread does > 5 GFLOP/s anywhere
+    assert set(report["matmul_peak_gflops"]) == {"torch_gflops", "onnxruntime_gflops"}
+    assert min(report["matmul_peak_gflops"].values()) > 5, report["matmul_peak_gflops"]
     for r in report["results"]:
         assert r["median_ms"] > 0 and r["p90_ms"] > 0 and r["images_per_s"] > 0
         rounds = r["round_medians_ms"]  # one median per interleaved round; the row's figures follow
