@@ -28,6 +28,7 @@ from torch import Tensor
 
 from export.errors import ExportError, ParamsError
 from export.formats.base import Format, Layout, Source
+from export.formats.onnx_registry import reused_registry
 from export.store.atomic import atomic_path
 from export.store.flat_vector import Buffers, check_params_vector, checked_layout, prefixed_buffers
 from export.store.manifest import ARTIFACT_SUFFIX, SHARED_WEIGHTS, Manifest, read_manifest, refuse_export_file
@@ -161,7 +162,7 @@ def export_onnx(net: MammothBackbone, program: torch.export.ExportedProgram, ops
         raise ExportError(f"{backbone_name(net)}: {size / 2**30:.1f} GiB of weights; self-contained "
                           "ONNX files stop at 2 GiB: use shared weights (--onnx-weights shared)")
     full_names = net.output_names()
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), reused_registry():
         warnings.simplefilter("ignore")  # exporter chatter (deprecations inside torch.export)
         onnx_program = torch.onnx.export(
             program, (), None, dynamo=True, optimize=False, opset_version=opset,

@@ -26,19 +26,17 @@ import ast
 import inspect
 import sys
 import textwrap
-import threading
 import types
 import typing
-from contextlib import contextmanager
 from functools import lru_cache
-from typing import Any, Callable, Dict, Iterator, Optional
+from typing import Any, Callable, Dict, Optional
 
 import torch
 
+from export.formats.scoped_patch import ScopedPatch
+
 #: expressions whose text is remembered at most (a CNN program has a few thousand)
 _MAX_PRINTED = 100_000
-_LOCK = threading.Lock()
-_DEPTH = 0
 _ORIGINALS: Dict[str, Any] = {}
 
 
@@ -143,7 +141,10 @@ def _without_self_check(canonicalize: Callable[..., Any], serializer_code: types
     return canonicalize_elsewhere
 
 
-def _install(serialize: types.ModuleType) -> None:
+def _install() -> bool:
+    serialize = _serializer()
+    if serialize is None:
+        return False
     cls = serialize.GraphModuleDeserializer
     _ORIGINALS.update(parse=cls.__dict__["_parse_sym_expr"], print=serialize._print_sympy, typing=serialize.typing)
     cls._parse_sym_expr = _memoised_parse(_ORIGINALS["parse"])
@@ -153,9 +154,12 @@ def _install(serialize: types.ModuleType) -> None:
     if callable(getattr(serialize, "canonicalize", None)) and method is not None and _self_check_discarded(method):
         _ORIGINALS["canonicalize"] = serialize.canonicalize
         serialize.canonicalize = _without_self_check(serialize.canonicalize, method.__code__)
+    return True
 
 
-def _restore(serialize: types.ModuleType) -> None:
+def _restore() -> None:
+    from torch._export.serde import serialize
+
     serialize.GraphModuleDeserializer._parse_sym_expr = _ORIGINALS.pop("parse")
     serialize._print_sympy = _ORIGINALS.pop("print")
     serialize.typing = _ORIGINALS.pop("typing")
@@ -163,24 +167,6 @@ def _restore(serialize: types.ModuleType) -> None:
         serialize.canonicalize = _ORIGINALS.pop("canonicalize")
 
 
-@contextmanager
-def memoised_serde() -> Iterator[bool]:
-    """torch.export.save/load in the block run with the memos (yields whether they are in place;
-    nested and concurrent uses share one installation, removed when the last one ends)."""
-    global _DEPTH
-    with _LOCK:
-        if _DEPTH == 0:
-            serialize = _serializer()
-            if serialize is not None:
-                _install(serialize)
-        _DEPTH += 1
-        active = bool(_ORIGINALS)
-    try:
-        yield active
-    finally:
-        with _LOCK:
-            _DEPTH -= 1
-            if _DEPTH == 0 and _ORIGINALS:
-                from torch._export.serde import serialize
-
-                _restore(serialize)
+#: `with memoised_serde() as active:` torch.export.save/load in the block run with the memos
+#: (`active`: whether they are in place)
+memoised_serde = ScopedPatch(_install, _restore)
