@@ -36,7 +36,8 @@ def run_bench(argv: Sequence[str]) -> int:
                         help="threads for every runtime (default: all cores, %(default)s)")
     parser.add_argument("--seconds", type=float, default=3.0,
                         help="measuring time per runtime and batch, over all rounds; the fp32 matmul peak "
-                             "takes 4 x min(0.5, SECONDS/6) (default: %(default)s)")
+                             "is timed min(0.5, SECONDS/6) per size and runtime, at least 2 runs each "
+                             "(default: %(default)s)")
     parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds (default: %(default)s)")
     parser.add_argument("--epochs", type=int, default=DIGITS_EPOCHS,
                         help="seeded training epochs of the digits model for the accuracy table: the same "
