@@ -13,7 +13,12 @@ from typing import Dict, List, Tuple, Union
 import torch
 from torch import Tensor, nn
 
+from zoo.jit_builtins import retain_registered_builtins
 from zoo.modes import RETURNT_MODES, check_returnt, mode_outputs, pack_outputs, unpack_outputs
+
+# Backbones promise to script; TorchScript mistakes an object for an operator torch dropped unless
+# registered operators stay alive (ExecuTorch's import drops some).
+retain_registered_builtins()
 
 __all__ = ["RETURNT_MODES", "check_returnt", "mode_outputs", "pack_outputs", "unpack_outputs", "MammothBackbone",
            "Stage", "backbone_name", "ReturntOutput"]
