@@ -199,17 +199,20 @@ def export_onnx(net: MammothBackbone, program: torch.export.ExportedProgram, ops
 
 
 def _checked(proto: onnx.ModelProto, weights_dir: Optional[Path]) -> onnx.ModelProto:
-    """onnx.checker (full) and strict shape inference. A graph with external data is checked
-    as a file beside its data (the checker resolves the data's location from the file's)."""
+    """onnx.checker and strict, type-checked shape inference: what `check_model(full_check=True)`
+    runs (the checker, then inference with check_type and strict mode on a copy it discards), in
+    one inference pass whose result is kept. A graph with external data is checked as a file
+    beside its data (the checker resolves the data's location from the file's)."""
     if weights_dir is None:
-        onnx.checker.check_model(proto, full_check=True)
-        return onnx.shape_inference.infer_shapes(proto, strict_mode=True)
+        data = proto.SerializeToString()
+        onnx.checker.check_model(data)
+        return onnx.shape_inference.infer_shapes(data, check_type=True, strict_mode=True)
     fd, name = tempfile.mkstemp(prefix=".check-", suffix=".onnx.tmp", dir=weights_dir)
     os.close(fd)
     try:
         onnx.save(proto, name)
-        onnx.checker.check_model(name, full_check=True)
-        onnx.shape_inference.infer_shapes_path(name, name, strict_mode=True)
+        onnx.checker.check_model(name)
+        onnx.shape_inference.infer_shapes_path(name, name, check_type=True, strict_mode=True)
         return onnx.load(name, load_external_data=False)
     finally:
         os.unlink(name)
