@@ -21,7 +21,8 @@ BAD = {  # each caught by full_check; the last two only by its shape inference (
     "undefined input": _model([h.make_node("Relu", ["nope"], ["y"])], [_value("x", T.FLOAT, [2])],
                               [_value("y", T.FLOAT, [2])]),
     "matmul shapes": _model([h.make_node("MatMul", ["a", "b"], ["y"])],
-                            [_value("a", T.FLOAT, [2, 3]), _value("b", T.FLOAT, [4, 5])], [_value("y", T.FLOAT, [2, 5])]),
+                            [_value("a", T.FLOAT, [2, 3]), _value("b", T.FLOAT, [4, 5])],
+                            [_value("y", T.FLOAT, [2, 5])]),
     "declared output type": _model([h.make_node("Relu", ["x"], ["y"])], [_value("x", T.FLOAT, [2])],
                                    [_value("y", T.INT64, [2])]),
     "mixed add": _model([h.make_node("Add", ["a", "b"], ["y"])],
@@ -43,7 +44,8 @@ def test_a_bad_graph_is_refused(name, beside_weights, tmp_path):
 @pytest.mark.parametrize("beside_weights", [False, True], ids=["in-memory", "file"])
 def test_a_good_graph_comes_back_with_inferred_shapes(beside_weights, tmp_path):
     good = _model([h.make_node("MatMul", ["a", "b"], ["m"]), h.make_node("Relu", ["m"], ["y"])],
-                  [_value("a", T.FLOAT, ["batch", 3]), _value("b", T.FLOAT, [3, 5])], [_value("y", T.FLOAT, ["batch", 5])])
+                  [_value("a", T.FLOAT, ["batch", 3]), _value("b", T.FLOAT, [3, 5])],
+                  [_value("y", T.FLOAT, ["batch", 5])])
     checked = _checked(good, tmp_path if beside_weights else None)
     inferred = {v.name: [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim]
                 for v in list(checked.graph.value_info) + list(checked.graph.output)}
