@@ -70,3 +70,25 @@ def test_verify_in_default(monkeypatch):
         _default_verify_in()
     with pytest.raises(Exception, match="verify_in 'x': allowed: process, fresh"):
         export_backbone(torch.nn.Linear(1, 1), "/nonexistent", verify_in="x")
+
+
+_LEAVES_A_TRACE_AT_TEARDOWN = """
+import atexit
+
+
+def run(job, shared):
+    atexit.register(lambda: open(job[0], "w").close())  # runs only if the interpreter tears down
+    return [[x.sum(dim=1) * 0 + 1] for x in job[1]]
+"""
+
+
+def test_the_child_exits_without_tearing_down_torch(tmp_path):
+    """Its replies are saved before it exits; the ~1 s interpreter teardown of torch's modules
+    (every export's last wait before) is skipped, so nothing registered to run at exit runs."""
+    inputs = sample_inputs((1, 4, 4))
+    expected = [[(x.sum(dim=1) * 0 + 1).numpy()] for x in inputs]
+    marker = tmp_path / "torn-down"
+    (result,) = verify_in_fresh_process(_LEAVES_A_TRACE_AT_TEARDOWN, [(str(marker), inputs)],
+                                        [("a.pt", ["out"], inputs, expected)])
+    assert result["out"]["ok"]
+    assert not marker.exists()
