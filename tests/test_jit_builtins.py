@@ -3,6 +3,8 @@ id to another object. Without that, a module attribute allocated at the freed ad
 the operator ("builtin cannot be used as a value"), at random, after ExecuTorch's import."""
 
 import itertools
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -10,6 +12,7 @@ from torch import nn
 
 import zoo.base  # noqa: F401  (installs the retention, as every backbone import does)
 from export.formats.torchscript import script
+from tests.conftest import REPO
 from zoo import jit_builtins
 
 _names = itertools.count()
@@ -84,3 +87,35 @@ def test_every_looked_up_operator_is_retained():
     packets = list(jit_builtins._looked_up_packets())
     assert len(packets) > 100
     assert [p._qualified_op_name for p in packets if id(p._op) not in jit_builtins._retained] == []
+
+
+_EXECUTORCH_IMPORT = """
+import sys
+refreshed = []
+
+
+def watch(frame, event, arg):
+    code = frame.f_code
+    if event == "call" and code.co_name == "_refresh_packet" and code.co_filename.endswith("_ops.py"):
+        refreshed.append(id(frame.f_locals["packet"]._op))
+
+
+import torch
+import zoo.base
+from zoo import jit_builtins
+sys.setprofile(watch)
+import executorch.exir
+sys.setprofile(None)
+print(len(refreshed), sum(i not in jit_builtins._retained for i in refreshed))
+"""
+
+
+def test_executorchs_import_drops_no_registered_operator():
+    """The case the suite met: `import executorch.exir` (the pte format) adds overloads to
+    operators already looked up. Every operator object it replaces stays alive."""
+    proc = subprocess.run([sys.executable, "-c", _EXECUTORCH_IMPORT], cwd=REPO, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-800:]
+    refreshed, dropped = map(int, proc.stdout.split())
+    assert refreshed > 0  # it does replace operator objects (20 with executorch 1.5.1)
+    assert dropped == 0
