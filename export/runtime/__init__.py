@@ -125,7 +125,7 @@ def available_pairs(manifest: Manifest, mode: str = "out") -> List[Tuple[str, st
         if has["int8"]:
             pairs.append(("openvino", "int8"))
     except ExportError:
-        pass  # openvino not installed: its pairs are not available here
+        pass  # openvino not installed, or refused under a oneDNN cap: its pairs are not available here
     pairs += [(engine, "fp32") for engine in ("torchscript", "exported") if has[engine]]
     if artifact_name(mode, "pte") in files:
         try:

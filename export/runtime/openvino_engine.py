@@ -4,7 +4,9 @@ precision chosen explicitly.
 OpenVINO's own default inference precision on CPUs with AVX512-BF16/AMX is bf16 (f32
 elsewhere), so an unset hint would silently run reduced precision on one machine and not on
 another: every model here is compiled with INFERENCE_PRECISION_HINT set from `precision`, and
-bf16 on a CPU without bf16 support is refused instead of running f32 under the bf16 name.
+bf16 on a CPU without bf16 support is refused instead of running f32 under the bf16 name, and so
+is a oneDNN instruction-set cap (ONEDNN_MAX_CPU_ISA) below the CPU, under which OpenVINO computes
+wrong outputs without an error.
 int8 runs the QDQ files of `python -m export quantize` (their non-quantized parts in f32).
 """
 
@@ -15,13 +17,20 @@ import numpy as np
 
 from export.errors import ExportError
 from export.runtime.base import check_engine
+from export.runtime.cpu import onednn_cap_below_cpu
 from export.runtime.ort_engine import OnnxBackbone
 
 _HINTS = {"fp32": "f32", "bf16": "bf16", "int8": "f32"}
 
 
 def openvino_core():
-    """An OpenVINO Core; one line naming the extra to install when the package is missing."""
+    """An OpenVINO Core; one line naming the extra to install when the package is missing, or the
+    oneDNN cap under which OpenVINO's outputs are wrong (refused before OpenVINO is touched)."""
+    cap = onednn_cap_below_cpu()
+    if cap:
+        raise ExportError(f"engine 'openvino': {cap} caps oneDNN below this CPU, and OpenVINO's CPU plugin "
+                          "then computes wrong outputs (its own kernels are not capped: "
+                          "openvinotoolkit/openvino#38189); unset it for this process or use engine 'onnxruntime'")
     try:
         import openvino as ov
     except ImportError:

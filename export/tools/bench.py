@@ -31,6 +31,7 @@ from export.formats.torchscript import jit_deprecations_silenced, load_torchscri
 from export.pipeline.build import export_backbone
 from export.runtime import available_pairs, load
 from export.runtime.cpu import cpu_info, cpu_name
+from export.runtime.openvino_engine import openvino_core
 from export.store.atomic import atomic_write_bytes
 from export.store.manifest import artifact_name, read_manifest
 from export.tools.accuracy import format_accuracy, measure_accuracy
@@ -191,7 +192,10 @@ def build_runtimes(net: torch.nn.Module, directory: Path, shape: Sequence[int], 
         else:
             runtimes[name] = lambda a, t, s=session: s({"x": a})
     if not any(e == "openvino" for e, _ in pairs):
-        log("openvino not installed (make install installs it): its rows are skipped")
+        try:
+            openvino_core()
+        except ExportError as exc:
+            log(f"{exc}: its rows are skipped")
     runtimes.update(_aoti_runtimes(directory))
     if (directory.parent / FROZEN_DIR).is_dir():
         runtimes.update(_aoti_runtimes(directory.parent / FROZEN_DIR, "aoti-frozen"))
