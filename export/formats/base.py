@@ -87,7 +87,7 @@ class FreshProcess:
     without the interpreter's teardown of torch's modules (~1 s that the caller would wait for).
     """
 
-    _PREFIX = ("import sys, torch\n\n\ndef as_list(out):\n"
+    _PREFIX = ("import os, sys, torch\n\n\ndef as_list(out):\n"
                "    return [out] if isinstance(out, torch.Tensor) else list(out)\n")
     _LOOP = """
 shared, results = None, []
@@ -101,7 +101,6 @@ for line in sys.stdin:
 torch.save(results, sys.argv[1])
 sys.stdout.flush()
 sys.stderr.flush()
-import os
 os._exit(0)  # the replies are saved: tearing down torch's modules (~1 s) would only delay the caller
 """
 
